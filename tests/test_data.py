@@ -1,0 +1,67 @@
+import json
+import random
+
+import pytest
+
+from training.data import (ATTRIBUTES, WorldSpec, caption_scene, generate_dataset, load_imagefolder, parse_caption,
+                           sample_scene)
+from training.errors import UserError
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_same_seed_same_dataset(tmp_path):
+    a = generate_dataset(tmp_path / "a", n=12, seed=7, size=32)
+    b = generate_dataset(tmp_path / "b", n=12, seed=7, size=32)
+    c = generate_dataset(tmp_path / "c", n=12, seed=8, size=32)
+    assert _files(a) == _files(b)
+    assert _files(a) != _files(c)
+
+
+def test_imagefolder_layout_and_attributes(micro_data):
+    rows = [json.loads(line) for line in (micro_data / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 48
+    for row in rows:
+        assert (micro_data / row["file_name"]).is_file()
+        assert row["text"] and row["background"] in ATTRIBUTES["background"]
+        obj = row["objects"][0]
+        assert obj["shape"] in ATTRIBUTES["shape"] and obj["colour"] in ATTRIBUTES["colour"]
+    loaded = load_imagefolder(str(micro_data), 32)
+    assert loaded.pixels.shape == (48, 32, 32, 3) and loaded.skipped == 0
+    assert not list(micro_data.parent.glob("*.tmp"))
+
+
+def test_exclude_and_focus(tmp_path):
+    spec = WorldSpec(exclude=("star", "purple"))
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, spec) for _ in range(500)]
+    assert all(o["shape"] != "star" and o["colour"] != "purple" for s in scenes for o in s["objects"])
+    focus = WorldSpec(focus=("heart",), focus_fraction=1.0)
+    scenes = [sample_scene(rng, focus) for _ in range(100)]
+    assert all(s["objects"][0]["shape"] == "heart" for s in scenes)
+    with pytest.raises(UserError, match="unknown concept"):
+        WorldSpec(exclude=("dodecahedron",))
+
+
+@pytest.mark.parametrize("max_shapes", [1, 2])
+def test_captions_round_trip_through_parser(max_shapes):
+    rng = random.Random(1)
+    spec = WorldSpec(max_shapes=max_shapes)
+    for _ in range(300):
+        scene = sample_scene(rng, spec)
+        text = caption_scene(scene, rng)
+        parsed = parse_caption(text)
+        assert len(parsed["objects"]) == len(scene["objects"]), text
+        for want, got in zip(scene["objects"], parsed["objects"]):
+            for attr in ("shape", "colour", "position"):
+                assert got[attr] == want[attr], (text, attr)
+            assert got["size"] in (None, want["size"])
+        assert parsed["background"] in (None, scene["background"])
+
+
+def test_parse_free_form_prompt():
+    p = parse_caption("A small blue square, top right, on a white background")
+    assert p["background"] == "white"
+    assert p["objects"] == [{"shape": "square", "colour": "blue", "size": "small", "position": "top right"}]

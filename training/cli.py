@@ -1,0 +1,133 @@
+"""``t2i``: the one entry point (data, train, generate; later eval, export, pipeline, serve).
+
+Bad input raises ``UserError`` anywhere below; it is printed as one line and the exit code is 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+# Library chatter (optional-kernel probes, deprecations) hides the lines a user needs.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+for _name in ("torch.utils._pytree", "torchao", "bitsandbytes", "accelerate", "datasets"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+from training.errors import UserError  # noqa: E402
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _config_help(cls) -> str:
+    from training.config import describe
+
+    return "config keys (YAML or key=value overrides):\n" + "\n".join(describe(cls))
+
+
+def cmd_data(args) -> None:
+    from training.data import WorldSpec, generate_dataset
+
+    spec = WorldSpec(tuple(_csv(args.exclude)), tuple(_csv(args.focus)), args.focus_fraction, args.max_shapes)
+    out = generate_dataset(args.out, args.n, args.seed, args.size, spec, overwrite=args.overwrite)
+    print(f"wrote {args.n} images + metadata.jsonl to {out}")
+
+
+def cmd_train(args) -> None:
+    from training.config import load_config
+    from training.train import TrainConfig, main
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    report = main(cfg)
+    if report and int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {report['steps']} steps in {report['wall_time_s']} s "
+              f"({report['images_per_s']} img/s); final loss {report['final_loss']:.4f}")
+        print(f"model dir: {cfg.output_dir}/model")
+
+
+def cmd_generate(args) -> None:
+    from training.generate import generate
+
+    paths = generate(args.model, args.prompt, args.out, steps=args.steps, guidance=args.guidance,
+                     seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
+                     negative_prompt=args.negative_prompt, size=args.size)
+    for p in paths:
+        print(f"wrote {p}")
+
+
+def _csv(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.train import TrainConfig
+
+    p = argparse.ArgumentParser(prog="t2i", description="Fine-tune, export and serve text-to-image "
+                                "diffusion models (train -> export -> serve).", formatter_class=_Formatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("data", help="generate a dataset", description="Generate datasets.")
+    dsub = d.add_subparsers(dest="kind", required=True, metavar="KIND")
+    s = dsub.add_parser("shapes", formatter_class=_Formatter, help="the synthetic captioned shapes world",
+                        description="Render captioned shapes (imagefolder layout: PNGs + metadata.jsonl with "
+                        "file_name, text and the ground-truth attributes). Deterministic from --seed.")
+    s.add_argument("--out", required=True, help="output folder (written atomically)")
+    s.add_argument("--n", type=int, default=2000, help="number of images")
+    s.add_argument("--seed", type=int, default=0, help="generator seed")
+    s.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
+    s.add_argument("--exclude", help="comma-separated concepts never drawn, e.g. star,heart,purple")
+    s.add_argument("--focus", help="comma-separated concepts to steer images towards (fine-tune data)")
+    s.add_argument("--focus-fraction", type=float, default=1.0,
+                   help="share of images with a focus concept (the rest replay the whole world)")
+    s.add_argument("--max-shapes", type=int, default=1, help="up to this many shapes per image (1-3)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    s.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", formatter_class=_Formatter, help="train or fine-tune (full, LoRA, VAE)",
+                       description="Train from a YAML recipe with dotted key=value overrides, e.g.\n"
+                       "  t2i train configs/finetune-demo.yaml train.max_steps=200 output_dir=runs/x\n"
+                       "Multi-process: accelerate launch --multi_gpu --num_processes 2 -m training.cli train ...",
+                       epilog=_config_help(TrainConfig))
+    t.add_argument("config", help="YAML recipe (see configs/)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", formatter_class=_Formatter, help="generate images from a model dir",
+                       description="Generate images with diffusers' StableDiffusionPipeline from a model dir.")
+    g.add_argument("model", help="diffusers model dir (or hub id, online)")
+    g.add_argument("prompt", help="text prompt")
+    g.add_argument("--out", default="out.png", help="output PNG; with --num-images > 1 a grid, plus one file each")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    g.add_argument("--steps", type=int, default=20, help="sampling steps (1-200)")
+    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (0-30)")
+    g.add_argument("--seed", type=int, default=0, help="seed (image i uses seed + i)")
+    g.add_argument("--scheduler", default="dpm", choices=["dpm", "ddim", "ddpm", "euler"], help="sampler")
+    g.add_argument("--num-images", type=int, default=1, help="images to generate (1-16)")
+    g.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"t2i {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"t2i {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The synthetic captioned world (shapes, colours, positions, sizes, backgrounds) and dataset loading.
+
+The generator is the project's embedded default: every image comes with a caption drawn from a
+small grammar and with its ground-truth attributes, so prompt adherence can be measured exactly
+(``parse_caption`` reads any caption of the grammar back into attributes).
+Datasets are Hugging Face ``imagefolder`` folders: images + ``metadata.jsonl`` (``file_name``,
+``text``, extra columns allowed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from training.errors import UserError
+
+SHAPES = ["circle", "square", "triangle", "star", "heart", "cross"]
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
+    "purple": (140, 40, 180), "orange": (250, 130, 10), "pink": (250, 120, 190),
+    "cyan": (20, 210, 220), "brown": (120, 70, 30),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128),
+               "beige": (225, 205, 160)}
+SIZES = {"small": 0.11, "medium": 0.16, "large": 0.21}  # half-extent as a fraction of the side
+POSITIONS = {  # centre (x, y) as fractions of the side
+    "top left": (0.27, 0.27), "top": (0.5, 0.27), "top right": (0.73, 0.27),
+    "left": (0.27, 0.5), "centre": (0.5, 0.5), "right": (0.73, 0.5),
+    "bottom left": (0.27, 0.73), "bottom": (0.5, 0.73), "bottom right": (0.73, 0.73),
+}
+ATTRIBUTES = {"shape": SHAPES, "colour": list(COLOURS), "size": list(SIZES),
+              "position": list(POSITIONS), "background": list(BACKGROUNDS)}
+_POSITION_PHRASES = {
+    "top left": ["in the top left", "at the top left", "in the top left corner"],
+    "top": ["at the top", "near the top"], "top right": ["in the top right", "at the top right"],
+    "left": ["on the left", "at the left"], "right": ["on the right", "at the right"],
+    "centre": ["in the centre", "in the middle", "in the center"],
+    "bottom left": ["in the bottom left", "at the bottom left"],
+    "bottom": ["at the bottom", "near the bottom"],
+    "bottom right": ["in the bottom right", "at the bottom right", "in the bottom right corner"],
+}
+_TEMPLATES = [
+    "a {size} {colour} {shape} {where} on a {bg} background",
+    "{size} {colour} {shape}, {pos}, on a {bg} background",
+    "a {colour} {shape} {where}",
+    "a {colour} {shape} {where}, {bg} background",
+    "{bg} background with a {size} {colour} {shape} {where}",
+    "a picture of a {size} {colour} {shape} {where}",
+]
+
+
+def concept_vocabulary() -> set[str]:
+    """Every concept value the world knows (used to validate include/exclude lists)."""
+    return {v for values in ATTRIBUTES.values() for v in values}
+
+
+@dataclass
+class WorldSpec:
+    """Which concepts the generator may draw, and how often the focus concepts appear."""
+
+    exclude: tuple[str, ...] = ()
+    focus: tuple[str, ...] = ()
+    focus_fraction: float = 1.0
+    max_shapes: int = 1
+
+    def __post_init__(self):
+        unknown = (set(self.exclude) | set(self.focus)) - concept_vocabulary()
+        if unknown:
+            raise UserError(f"unknown concept(s) {sorted(unknown)}; "
+                            f"known: {sorted(concept_vocabulary())}")
+        if set(self.exclude) & set(self.focus):
+            raise UserError(f"a concept cannot be both excluded and focused: "
+                            f"{sorted(set(self.exclude) & set(self.focus))}")
+        if not 0.0 <= self.focus_fraction <= 1.0:
+            raise UserError("focus_fraction must be between 0 and 1")
+        if self.max_shapes < 1 or self.max_shapes > 3:
+            raise UserError("max_shapes must be 1, 2 or 3")
+        for attr in ("shape", "colour"):
+            if not self.allowed(attr):
+                raise UserError(f"every {attr} is excluded; nothing left to draw")
+
+    def allowed(self, attr: str) -> list[str]:
+        return [v for v in ATTRIBUTES[attr] if v not in self.exclude]
+
+
+def sample_scene(rng: random.Random, spec: WorldSpec) -> dict:
+    """Draw the attributes of one image: a background and 1..max_shapes objects."""
+    want_focus = bool(spec.focus) and rng.random() < spec.focus_fraction
+    n = rng.randint(1, spec.max_shapes)
+    positions = rng.sample(spec.allowed("position"), k=min(n, len(spec.allowed("position"))))
+    objects = []
+    for i, pos in enumerate(positions):
+        obj = {"shape": rng.choice(spec.allowed("shape")), "colour": rng.choice(spec.allowed("colour")),
+               "size": rng.choice(spec.allowed("size")), "position": pos}
+        if i == 0 and want_focus:
+            concept = rng.choice(list(spec.focus))
+            attr = next(a for a, vs in ATTRIBUTES.items() if concept in vs)
+            if attr in obj:
+                obj[attr] = concept
+        objects.append(obj)
+    if n > 1:  # large shapes side by side would overlap
+        for obj in objects:
+            obj["size"] = "small" if "small" in spec.allowed("size") else obj["size"]
+    backgrounds = spec.allowed("background")
+    if want_focus and any(c in spec.focus for c in backgrounds):
+        background = rng.choice([c for c in backgrounds if c in spec.focus])
+    else:
+        background = rng.choice(backgrounds)
+    return {"background": background, "objects": objects}
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else r * 0.42
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a) + r * 0.08))
+        return pts
+    if shape == "heart":
+        pts = []
+        for k in range(64):
+            t = 2 * math.pi * k / 64
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((cx + x / 17 * r, cy - y / 17 * r + r * 0.1))
+        return pts
+    if shape == "cross":
+        w = r * 0.36
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
+                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
+                (cx - r, cy - w), (cx - w, cy - w)]
+    return None
+
+
+def render_scene(scene: dict, size: int = 64, rng: random.Random | None = None) -> Image.Image:
+    """Draws a scene with 4x supersampling (anti-aliased edges), with a little position jitter."""
+    rng = rng or random.Random(0)
+    ss = 4
+    side = size * ss
+    img = Image.new("RGB", (side, side), BACKGROUNDS[scene["background"]])
+    draw = ImageDraw.Draw(img)
+    for obj in scene["objects"]:
+        fx, fy = POSITIONS[obj["position"]]
+        cx = (fx + rng.uniform(-0.035, 0.035)) * side
+        cy = (fy + rng.uniform(-0.035, 0.035)) * side
+        r = SIZES[obj["size"]] * side * rng.uniform(0.92, 1.08)
+        fill = COLOURS[obj["colour"]]
+        if obj["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif obj["shape"] == "square":
+            s = r * 0.88
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        else:
+            draw.polygon(_shape_points(obj["shape"], cx, cy, r), fill=fill)
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def caption_scene(scene: dict, rng: random.Random) -> str:
+    """One caption from the grammar, in a randomly chosen phrasing."""
+    parts = []
+    template = rng.choice(_TEMPLATES)
+    multi = len(scene["objects"]) > 1
+    for i, obj in enumerate(scene["objects"]):
+        where = rng.choice(_POSITION_PHRASES[obj["position"]])
+        fields = dict(size=obj["size"], colour=obj["colour"], shape=obj["shape"], where=where,
+                      pos=obj["position"], bg=scene["background"])
+        if multi:  # keep the background once, at the end
+            parts.append("a {size} {colour} {shape} {where}".format(**fields) if i else
+                         template.split(" on a {bg}")[0].split(", {bg}")[0]
+                         .replace("{bg} background with ", "").format(**fields))
+        else:
+            parts.append(template.format(**fields))
+    text = " and ".join(parts)
+    if multi:
+        text += f", {scene['background']} background"
+    return text
+
+
+_BG_RE = re.compile(r"(\w+) background")
+
+
+def parse_caption(text: str) -> dict:
+    """Reads a caption of the grammar back into attributes.
+
+    Returns ``{"background": str | None, "objects": [{"shape", "colour", "size", "position"}]}``;
+    an attribute the caption does not mention is ``None``. Words outside the grammar are ignored.
+    """
+    t = " " + text.lower().replace("center", "centre").replace("middle", "centre") + " "
+    background = None
+    m = _BG_RE.search(t)
+    if m and m.group(1) in BACKGROUNDS:
+        background = m.group(1)
+        t = t[:m.start()] + t[m.end():]
+    objects = []
+    for chunk in re.split(r"\band\b", t):
+        obj = {"shape": None, "colour": None, "size": None, "position": None}
+        words = re.findall(r"[a-z]+", chunk)
+        for w in words:
+            for attr in ("shape", "colour", "size"):
+                if w in ATTRIBUTES[attr] and obj[attr] is None:
+                    obj[attr] = w
+        vert = next((w for w in words if w in ("top", "bottom")), None)
+        horiz = next((w for w in words if w in ("left", "right")), None)
+        if vert and horiz:
+            obj["position"] = f"{vert} {horiz}"
+        elif vert or horiz:
+            obj["position"] = vert or horiz
+        elif "centre" in words:
+            obj["position"] = "centre"
+        if obj["shape"] is not None:
+            objects.append(obj)
+    return {"background": background, "objects": objects}
+
+
+def generate_dataset(out: str | Path, n: int, seed: int = 0, size: int = 64,
+                     spec: WorldSpec | None = None, overwrite: bool = False) -> Path:
+    """Writes ``n`` images + ``metadata.jsonl`` (imagefolder layout) deterministically from ``seed``.
+
+    The folder appears whole or not at all: it is written under a temporary name and renamed.
+    """
+    spec = spec or WorldSpec()
+    out = Path(out)
+    if n < 1:
+        raise UserError("--n must be at least 1")
+    if size < 16 or size % 16:
+        raise UserError(f"image size {size} must be a multiple of 16 and at least 16")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty (use --overwrite to replace it)")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = random.Random(seed)
+    with open(tmp / "metadata.jsonl", "w") as meta:
+        for i in tqdm(range(n), desc=f"rendering {out.name}", unit="img", leave=False):
+            scene = sample_scene(rng, spec)
+            img = render_scene(scene, size, random.Random(rng.random()))
+            name = f"{i:06d}.png"
+            img.save(tmp / name)
+            row = {"file_name": name, "text": caption_scene(scene, rng), **scene}
+            meta.write(json.dumps(row) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def caption_corpus(n: int = 20000, seed: int = 12345) -> list[str]:
+    """Captions over the whole world (every concept), used to train the preset tokenizer."""
+    rng = random.Random(seed)
+    spec = WorldSpec(max_shapes=2)
+    return [caption_scene(sample_scene(rng, spec), rng) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- loading
+
+@dataclass
+class LoadedImages:
+    pixels: np.ndarray  # uint8, N x H x W x 3
+    captions: list[str]
+    skipped: int
+    rows: list[dict]
+
+
+def load_imagefolder(path: str, resolution: int, image_column: str = "image",
+                     caption_column: str = "text", on_bad_image: str = "skip") -> LoadedImages:
+    """Loads an imagefolder (local) or hub dataset into memory as uint8 pixels + captions.
+
+    Images are decoded here rather than by ``datasets`` so one broken file is counted and skipped
+    (``on_bad_image='skip'``) or reported by name (``'error'``) instead of failing mid-epoch.
+    """
+    import datasets
+    from datasets import Image as ImageFeature
+
+    local = Path(path)
+    if local.exists():
+        if not local.is_dir():
+            raise UserError(f"dataset path {path} is not a folder")
+        if not any(local.iterdir()):
+            raise UserError(f"dataset folder {path} is empty")
+        if not (local / "metadata.jsonl").exists():
+            raise UserError(f"dataset folder {path} has no metadata.jsonl "
+                            "(imagefolder layout: images + metadata.jsonl with file_name and text)")
+        _check_metadata(local / "metadata.jsonl", caption_column)
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset("imagefolder", data_dir=str(local), split="train")
+    elif "/" in path and not path.startswith((".", "/")):
+        try:
+            ds = datasets.load_dataset(path, split="train")
+        except Exception as e:  # offline or no such dataset
+            raise UserError(f"could not load dataset {path!r} from the hub: {e}") from None
+    else:
+        raise UserError(f"dataset folder {path} does not exist")
+    for col in (image_column, caption_column):
+        if col not in ds.column_names:
+            raise UserError(f"dataset has no column {col!r}; columns: {ds.column_names}")
+    ds = ds.cast_column(image_column, ImageFeature(decode=False))
+    pixels, captions, rows, skipped = [], [], [], 0
+    for row in tqdm(ds, desc="decoding images", unit="img", leave=False):
+        caption = row[caption_column]
+        if not isinstance(caption, str) or not caption.strip():
+            raise UserError(f"a row has no caption in column {caption_column!r}")
+        try:
+            img = _decode(row[image_column], resolution)
+        except Exception as e:
+            if on_bad_image == "error":
+                raise UserError(f"image {row[image_column].get('path')} cannot be decoded: {e}") from None
+            skipped += 1
+            continue
+        pixels.append(img)
+        captions.append(caption)
+        rows.append({k: v for k, v in row.items() if k != image_column})
+    if not pixels:
+        raise UserError(f"no decodable images in {path} ({skipped} failed)")
+    return LoadedImages(np.stack(pixels), captions, skipped, rows)
+
+
+def _check_metadata(meta: Path, caption_column: str) -> None:
+    with open(meta) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{meta}:{i} is not valid JSON") from None
+            if "file_name" not in row:
+                raise UserError(f"{meta}:{i} has no file_name")
+            cap = row.get(caption_column)
+            if not isinstance(cap, str) or not cap.strip():
+                raise UserError(f"{meta}:{i} ({row['file_name']}) has no caption in {caption_column!r}")
+
+
+def _decode(image: dict, resolution: int) -> np.ndarray:
+    import io
+
+    src = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = min(w, h)  # centre crop to a square, then resize
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if s != resolution:
+            im = im.resize((resolution, resolution), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8).copy()

@@ -1,0 +1,134 @@
+"""One object owns both the training loss and sampling (k-diffusion's ``Denoiser`` idea), so the
+noise schedule, prediction type and conditioning used to train are the ones used to generate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.training_utils import compute_snr
+from PIL import Image
+
+from training.presets import Components
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """Peels DDP / torch.compile wrappers."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module
+
+
+def to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+class LatentDiffusion:
+    """Latent diffusion over an SD pipeline's parts (Rombach et al. 2022).
+
+    ``loss`` is the denoising objective with optional min-SNR-gamma weighting (Hang et al. 2023)
+    and noise offset; ``pipeline``/``sample`` wrap the same in-memory modules for generation.
+    """
+
+    def __init__(self, comps: Components, prediction_type: str | None = None, snr_gamma: float | None = None,
+                 noise_offset: float = 0.0):
+        self.c = comps
+        self.unet = comps.unet
+        self.text_encoder = comps.text_encoder
+        self.vae = comps.vae
+        self.tokenizer = comps.tokenizer
+        self.noise_scheduler = comps.noise_scheduler
+        if prediction_type:
+            self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        self.snr_gamma = snr_gamma
+        self.noise_offset = noise_offset
+
+    # ------------------------------------------------------------------ conditioning
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenize(captions).to(next(self.text_encoder.parameters()).device)
+        return self.text_encoder(ids, return_dict=False)[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the latent distribution (mean, std) before scaling, for caching."""
+        dist = unwrap(self.vae).encode(pixels).latent_dist
+        return dist.mean, dist.std
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        return (mean + std * torch.randn_like(std)) * self.vae.config.scaling_factor
+
+    # ------------------------------------------------------------------ losses
+    def loss(self, latents: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Denoising loss at uniformly drawn timesteps (DDPM, Ho et al. 2020)."""
+        noise = torch.randn_like(latents)
+        if self.noise_offset:  # lets the model shift mean brightness (flat backgrounds)
+            noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
+        bsz = latents.shape[0]
+        sched = self.noise_scheduler
+        t = torch.randint(0, sched.config.num_train_timesteps, (bsz,), device=latents.device).long()
+        noisy = sched.add_noise(latents, noise, t)
+        if sched.config.prediction_type == "v_prediction":
+            target = sched.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        pred = self.unet(noisy, t, text_emb, return_dict=False)[0]
+        if self.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        snr = compute_snr(sched, t)
+        weight = torch.stack([snr, self.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        weight = weight / (snr + 1) if sched.config.prediction_type == "v_prediction" else weight / snr
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+        return (per * weight).mean()
+
+    def vae_loss(self, pixels: torch.Tensor, kl_weight: float) -> torch.Tensor:
+        """Reconstruction (L1 + MSE) + KL, the VAE stage of the from-scratch preset."""
+        dist = self.vae.encode(pixels).latent_dist if not hasattr(self.vae, "module") else \
+            self.vae.module.encode(pixels).latent_dist
+        z = dist.sample()
+        recon = unwrap(self.vae).decode(z).sample
+        rec = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
+        return rec + kl_weight * dist.kl().mean()
+
+    # ------------------------------------------------------------------ sampling
+    def pipeline(self, scheduler_config: dict | None = None) -> StableDiffusionPipeline:
+        """A pipeline over the in-memory modules: no weights are loaded or copied."""
+        cfg = dict(scheduler_config or self.c.sample_scheduler_config)
+        cfg["prediction_type"] = self.noise_scheduler.config.prediction_type
+        pipe = StableDiffusionPipeline(
+            vae=unwrap(self.vae), text_encoder=unwrap(self.text_encoder), tokenizer=self.tokenizer,
+            unet=unwrap(self.unet), scheduler=DPMSolverMultistepScheduler.from_config(cfg),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], steps: int = 20, guidance: float = 5.0, seed: int = 0,
+               resolution: int | None = None) -> list[Image.Image]:
+        pipe = self.pipeline()
+        res = resolution or self.c.resolution
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                    height=res, width=res).images
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None, labels: list[str] | None = None) -> Image.Image:
+    """Tiles images into one grid (optionally with a caption strip under each)."""
+    from PIL import ImageDraw
+
+    cols = cols or min(len(images), 4)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    strip = 12 if labels else 0
+    grid = Image.new("RGB", (cols * w, rows * (h + strip)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        x, y = (i % cols) * w, (i // cols) * (h + strip)
+        grid.paste(im, (x, y))
+        if labels:
+            draw.text((x + 1, y + h), labels[i][: max(4, w // 6)], fill="black")
+    return grid

@@ -1,0 +1,591 @@
+"""The fine-tuning / pretraining recipe: ``main(cfg)`` = setup -> run -> save.
+
+One accelerate loop covers the three things this project trains: the VAE of a from-scratch
+preset (``train.what: vae``), the full UNet (``unet``) and LoRA adapters on the UNet (``lora``),
+each optionally with the text encoder. Frozen parts are run once up front and their outputs
+cached (kohya / SimpleTuner's main speed lever). Checkpoints are accelerate states written
+atomically; ``resume_from: latest`` restores step, optimizer, LR schedule, RNG and data order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from training.config import Strict, dump_config
+from training.errors import UserError
+
+DEFAULT_PROMPTS = ["a red circle on the left", "a blue square in the top right",
+                   "a large yellow triangle in the centre on a black background",
+                   "a small green cross at the bottom", "a purple star on the right",
+                   "a pink heart in the middle, white background"]
+
+
+class SyntheticData(Strict):
+    n: int = 2000
+    """Number of images to render when the dataset folder does not exist yet."""
+    seed: int = 0
+    """Seed of the generator (same seed, same images)."""
+    size: int = 64
+    """Image side in pixels."""
+    exclude: list[str] = []
+    """Concepts never drawn (e.g. [star, heart, purple] for a base model)."""
+    focus: list[str] = []
+    """Concepts each image is steered towards (for a fine-tune that teaches them)."""
+    focus_fraction: float = 1.0
+    """Share of images that contain a focus concept; the rest replay the whole world."""
+    max_shapes: int = 1
+    """Up to this many shapes per image."""
+
+
+class DataConfig(Strict):
+    path: str = "data/shapes"
+    """imagefolder folder (images + metadata.jsonl) or a hub dataset id (online)."""
+    image_column: str = "image"
+    """Column holding the image."""
+    caption_column: str = "text"
+    """Column holding the caption."""
+    on_bad_image: Literal["skip", "error"] = "skip"
+    """What to do with an image that fails to decode: skip it (and count it) or stop."""
+    synthetic: SyntheticData | None = None
+    """If set and `path` does not exist, render the synthetic dataset there first."""
+
+
+class ModelConfig(Strict):
+    pretrained: str = "models/tiny-base"
+    """Preset name (tiny, micro), diffusers model dir, or hub id (SD 1.x/2.x) to start from."""
+    resolution: int | None = None
+    """Training resolution; default: the model's native size."""
+
+
+class TrainArgs(Strict):
+    what: Literal["unet", "lora", "vae"] = "unet"
+    """Which weights to train: full UNet, LoRA adapters on the UNet, or the VAE."""
+    train_text_encoder: bool = False
+    """Also train the text encoder (fully)."""
+    max_steps: int = Field(1000, ge=1)
+    """Optimizer steps to run."""
+    batch_size: int = Field(16, ge=1)
+    """Images per process per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    """Shape of the learning rate after warm-up."""
+    warmup_steps: int = Field(50, ge=0)
+    """Linear warm-up steps."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """AdamW, or bitsandbytes' 8-bit AdamW where it runs."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision (fp16 needs a GPU)."""
+    ema_decay: float | None = None
+    """If set, keep an EMA of the trained weights with this decay and save it."""
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (5.0 is the paper's choice); null disables."""
+    noise_offset: float = 0.0
+    """Noise offset (helps flat, very dark or bright images)."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Override the model's prediction type (null keeps the scheduler's)."""
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    """Share of captions replaced by "" (classifier-free guidance needs it)."""
+    cache: bool = True
+    """Cache latents / text embeddings of frozen VAE / text encoder."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the UNet."""
+    vae_kl_weight: float = 1e-6
+    """KL weight of the VAE stage."""
+    save_dtype: Literal["fp32", "fp16"] = "fp32"
+    """Precision of the saved model dir."""
+    seed: int = 0
+    """Seed of init noise, data order and dropout."""
+
+
+class LoraArgs(Strict):
+    rank: int = Field(8, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(8, ge=1)
+    """LoRA alpha (scale = alpha / rank)."""
+    target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    """UNet module names that get adapters."""
+
+
+class LoggingArgs(Strict):
+    log_every: int = Field(10, ge=1)
+    """Steps between TensorBoard scalars."""
+    sample_every: int = Field(500, ge=0)
+    """Steps between sample grids (0: only at the end)."""
+    validation_prompts: list[str] = DEFAULT_PROMPTS
+    """Fixed prompts of the sample grid."""
+    sample_steps: int = 20
+    """Sampling steps of the grid."""
+    sample_guidance: float = 5.0
+    """Guidance scale of the grid."""
+
+
+class CheckpointArgs(Strict):
+    every: int = Field(500, ge=1)
+    """Steps between checkpoints."""
+    total_limit: int | None = 2
+    """Keep at most this many checkpoints (oldest deleted)."""
+    resume_from: str | None = None
+    """'latest', a checkpoint folder, or null to start fresh."""
+
+
+class TrainConfig(Strict):
+    output_dir: str = "runs/train"
+    """Run folder: config, logs, checkpoints, model/ and train_report.json."""
+    model: ModelConfig = ModelConfig()
+    """Where to start from."""
+    data: DataConfig = DataConfig()
+    """Training images and captions."""
+    train: TrainArgs = TrainArgs()
+    """Optimisation."""
+    lora: LoraArgs = LoraArgs()
+    """LoRA settings (train.what=lora)."""
+    logging: LoggingArgs = LoggingArgs()
+    """TensorBoard logging and sample grids."""
+    checkpoint: CheckpointArgs = CheckpointArgs()
+    """Checkpointing and resume."""
+    eval: dict | None = None
+    """Evaluation after training (see evaluation/); null skips it."""
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+# ============================================================================ setup
+
+def prepare_data(cfg: TrainConfig, resolution: int):
+    from training.data import WorldSpec, generate_dataset, load_imagefolder
+
+    d = cfg.data
+    if d.synthetic is not None and not Path(d.path).exists():
+        s = d.synthetic
+        spec = WorldSpec(tuple(s.exclude), tuple(s.focus), s.focus_fraction, s.max_shapes)
+        generate_dataset(d.path, s.n, s.seed, s.size, spec)
+    return load_imagefolder(d.path, resolution, d.image_column, d.caption_column, d.on_bad_image)
+
+
+def _check_resolution(comps, res: int) -> None:
+    factor = comps.vae_scale * 2 ** (len(comps.unet.config.block_out_channels) - 1)
+    if res % factor or res < factor:
+        raise UserError(f"resolution {res} is not supported by this model: it must be a positive "
+                        f"multiple of {factor} (VAE x UNet downsampling)")
+
+
+def _find_checkpoint(ckpt_dir: Path, resume_from: str | None) -> Path | None:
+    if not resume_from:
+        return None
+    if resume_from != "latest":
+        p = Path(resume_from)
+        if not (p / "train_state.json").exists():
+            raise UserError(f"checkpoint {resume_from} does not exist or is incomplete")
+        return p
+    done = sorted(p for p in ckpt_dir.glob("checkpoint-*") if not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def _optimizer(cfg: TrainConfig, params):
+    t = cfg.train
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+            return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        except Exception as e:  # no kernel for this device
+            raise UserError(f"8-bit AdamW is not available here ({e}); use train.optimizer=adamw") from None
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+class Run:
+    """State of one training run (setup builds it, run_loop advances it, save writes it)."""
+
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        from training.model import LatentDiffusion
+        from training.presets import load_components
+
+        self.cfg = cfg
+        t = cfg.train
+        self.out = Path(cfg.output_dir)
+        if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+        # Everything that can fail on bad input happens before the run folder is touched.
+        comps = load_components(cfg.model.pretrained, cache_dir=Path(cfg.output_dir).parent / ".presets")
+        self.resolution = cfg.model.resolution or comps.resolution
+        _check_resolution(comps, self.resolution)
+        self.data = prepare_data(cfg, self.resolution)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.resume = _find_checkpoint(self.ckpt_dir, cfg.checkpoint.resume_from)
+
+        self.acc = Accelerator(
+            mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+            log_with="tensorboard", project_config=ProjectConfiguration(
+                project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        torch.manual_seed(t.seed + self.acc.process_index)
+        self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset)
+        self.trainable = self._select_trainable(comps)
+        self.cache_latents = t.cache and t.what != "vae"
+        self.cache_text = t.cache and t.what != "vae" and not t.train_text_encoder
+        self.steps_per_epoch = max(1, len(self.data.captions) // (t.batch_size * self.acc.num_processes))
+        self.global_step = 0
+        self.ema = None
+
+    # ---------------------------------------------------------------- which weights
+    def _select_trainable(self, comps) -> list[torch.nn.Module]:
+        t = self.cfg.train
+        for m in (comps.unet, comps.vae, comps.text_encoder):
+            m.requires_grad_(False)
+        if t.what == "vae":
+            comps.vae.requires_grad_(True)
+            return [comps.vae]
+        mods = []
+        if t.what == "lora":
+            from peft import LoraConfig
+            comps.unet.add_adapter(LoraConfig(r=self.cfg.lora.rank, lora_alpha=self.cfg.lora.alpha,
+                                              init_lora_weights="gaussian",
+                                              target_modules=self.cfg.lora.target_modules))
+        else:
+            comps.unet.requires_grad_(True)
+        if t.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+        mods.append(comps.unet)
+        if t.train_text_encoder:
+            comps.text_encoder.requires_grad_(True)
+            mods.append(comps.text_encoder)
+        return mods
+
+    # ---------------------------------------------------------------- caching
+    @torch.no_grad()
+    def build_caches(self) -> None:
+        from training.model import to_pixels
+
+        pixels = torch.from_numpy(self.data.pixels)
+        self.pixels = pixels
+        if self.cache_latents:
+            means, stds = [], []
+            for i in tqdm(range(0, len(pixels), 64), desc="caching latents", leave=False,
+                          disable=not self.acc.is_local_main_process):
+                m, s = self.model.encode_images(to_pixels(pixels[i:i + 64]))
+                means.append(m)
+                stds.append(s)
+            self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
+        if self.cache_text:
+            uniq = sorted(set(self.data.captions) | {""})
+            self.caption_index = {c: i for i, c in enumerate(uniq)}
+            embs = []
+            for i in tqdm(range(0, len(uniq), 256), desc="caching text", leave=False,
+                          disable=not self.acc.is_local_main_process):
+                embs.append(self.model.encode_text(uniq[i:i + 256]))
+            self.text_cache = torch.cat(embs)
+
+    # ---------------------------------------------------------------- data order
+    def batch_indices(self, micro_step: int) -> np.ndarray:
+        """Indices of this process's micro-batch; a pure function of the step (exact resume)."""
+        t = self.cfg.train
+        epoch, k = divmod(micro_step, self.steps_per_epoch)
+        perm = np.random.default_rng(t.seed + epoch).permutation(len(self.data.captions))
+        per = t.batch_size * self.acc.num_processes
+        glob = perm[k * per:(k + 1) * per]
+        return glob[self.acc.process_index::self.acc.num_processes]
+
+    def batch(self, idx: np.ndarray):
+        from training.model import to_pixels
+
+        t = self.cfg.train
+        captions = [self.data.captions[i] for i in idx]
+        drop = torch.rand(len(captions)) < t.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        if t.what == "vae":
+            return to_pixels(self.pixels[idx]), None
+        if self.cache_latents:
+            latents = self.model.sample_latents(self.lat_mean[idx], self.lat_std[idx])
+        else:
+            with torch.no_grad():
+                m, s = self.model.encode_images(to_pixels(self.pixels[idx]))
+            latents = self.model.sample_latents(m, s)
+        if self.cache_text:
+            emb = self.text_cache[[self.caption_index[c] for c in captions]]
+        else:
+            emb = self.model.encode_text(captions)
+        return latents, emb
+
+
+# ============================================================================ run
+
+def setup(cfg: TrainConfig) -> Run:
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    run = Run(cfg)
+    acc, t = run.acc, cfg.train
+    if acc.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run.out / "config.yaml")
+    run.build_caches()
+    params = [p for m in run.trainable for p in m.parameters() if p.requires_grad]
+    run.optimizer = _optimizer(cfg, params)
+    run.lr_scheduler = get_scheduler(t.lr_scheduler, run.optimizer, num_warmup_steps=t.warmup_steps * acc.num_processes,
+                                     num_training_steps=t.max_steps * acc.num_processes)
+    prepared = acc.prepare(*run.trainable, run.optimizer, run.lr_scheduler)
+    *mods, run.optimizer, run.lr_scheduler = prepared
+    names = ["vae"] if t.what == "vae" else ["unet", "text_encoder"][:len(mods)]
+    for name, m in zip(names, mods):
+        setattr(run.model, name, m)
+    if t.ema_decay:
+        run.ema = EMAModel(params, decay=t.ema_decay)
+        acc.register_for_checkpointing(run.ema)
+    if run.resume is not None:
+        try:
+            acc.load_state(str(run.resume))
+            run.global_step = json.loads((run.resume / "train_state.json").read_text())["global_step"]
+        except Exception as e:
+            raise UserError(f"checkpoint {run.resume} is corrupt or does not match this config ({e}); "
+                            "delete it to resume from an earlier one") from None
+        acc.print(f"resumed from {run.resume} at step {run.global_step}")
+    if acc.is_main_process:
+        acc.init_trackers("t2i", config=_flat_hparams(cfg))
+    return run
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict:
+    out = {}
+    for sec, vals in cfg.model_dump().items():
+        if isinstance(vals, dict):
+            for k, v in vals.items():
+                if isinstance(v, (int, float, str, bool)):
+                    out[f"{sec}.{k}"] = v
+    return out
+
+
+def run_loop(run: Run) -> dict:
+    acc, t = run.acc, run.cfg.train
+    for m in run.trainable:
+        m.train()
+    start_step = run.global_step
+    bar = tqdm(total=t.max_steps, initial=start_step, desc="training", unit="step",
+               disable=not acc.is_local_main_process, dynamic_ncols=True)
+    t0, last_loss, images_seen = time.time(), float("nan"), 0
+    micro = run.global_step * t.grad_accum
+    while run.global_step < t.max_steps:
+        with acc.accumulate(*run.trainable):
+            inputs, emb = run.batch(run.batch_indices(micro))
+            with acc.autocast():  # also covers vae.encode/decode, which are not forward()
+                loss = (run.model.vae_loss(inputs, t.vae_kl_weight) if t.what == "vae"
+                        else run.model.loss(inputs, emb))
+            acc.backward(loss)
+            grad_norm = None
+            if acc.sync_gradients and t.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
+                                                t.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        images_seen += len(inputs) * acc.num_processes
+        if not acc.sync_gradients:
+            continue
+        loss_val = acc.reduce(loss.detach(), reduction="mean").item()
+        if not math.isfinite(loss_val):
+            last = _find_checkpoint(run.ckpt_dir, "latest")
+            raise TrainingDiverged(f"loss became {loss_val} at step {run.global_step + 1}; training stopped. "
+                                   f"Last good checkpoint: {last or 'none'}. Lower train.learning_rate or use "
+                                   "train.mixed_precision=no.")
+        if run.ema is not None:
+            run.ema.step([p for m in run.trainable for p in m.parameters() if p.requires_grad])
+        run.global_step += 1
+        last_loss = loss_val
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}")
+        if run.global_step % run.cfg.logging.log_every == 0:
+            logs = {"loss": loss_val, "lr": run.lr_scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            acc.log(logs, step=run.global_step)
+        if run.global_step % run.cfg.checkpoint.every == 0 or run.global_step == t.max_steps:
+            save_checkpoint(run)
+        se = run.cfg.logging.sample_every
+        if (se and run.global_step % se == 0) or run.global_step == t.max_steps:
+            log_samples(run)
+    bar.close()
+    wall = time.time() - t0
+    return {"steps": run.global_step, "steps_this_run": run.global_step - start_step, "wall_time_s": round(wall, 2),
+            "images_per_s": round(images_seen / wall, 2) if wall > 0 else None, "final_loss": last_loss,
+            "num_processes": acc.num_processes, "num_images": len(run.data.captions),
+            "skipped_images": run.data.skipped}
+
+
+def save_checkpoint(run: Run) -> Path:
+    """accelerate state under a .tmp name, renamed when complete; then prune old ones."""
+    acc = run.acc
+    final = run.ckpt_dir / f"checkpoint-{run.global_step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / "train_state.json").write_text(json.dumps({"global_step": run.global_step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        limit = run.cfg.checkpoint.total_limit
+        done = sorted(p for p in run.ckpt_dir.glob("checkpoint-*") if not p.name.endswith(".tmp"))
+        if limit:
+            for old in done[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def _with_ema(run: Run):
+    """Context: swap EMA weights in (for sampling / saving) and back out."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        if run.ema is None:
+            yield
+            return
+        params = [p for m in run.trainable for p in m.parameters() if p.requires_grad]
+        run.ema.store(params)
+        run.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            run.ema.restore(params)
+    return ctx()
+
+
+def log_samples(run: Run) -> None:
+    from training.model import image_grid, to_pixels, unwrap
+
+    acc = run.acc
+    if acc.is_main_process:
+        lg = run.cfg.logging
+        with _with_ema(run):
+            for m in run.trainable:
+                m.eval()
+            if run.cfg.train.what == "vae":
+                with torch.no_grad():
+                    x = to_pixels(run.pixels[:8])
+                    rec = unwrap(run.model.vae)(x).sample
+                imgs = [_to_pil(im) for im in torch.cat([x, rec])]
+                grid = image_grid(imgs, cols=min(8, len(x)))
+            else:
+                imgs = run.model.sample(lg.validation_prompts, lg.sample_steps, lg.sample_guidance, seed=0,
+                                        resolution=run.resolution)
+                grid = image_grid(imgs, cols=min(len(imgs), 6))
+            for m in run.trainable:
+                m.train()
+        (run.out / "samples").mkdir(exist_ok=True)
+        grid.save(run.out / "samples" / f"step-{run.global_step:07d}.png")
+        tb = acc.get_tracker("tensorboard")
+        tb.writer.add_image("samples", np.asarray(grid), run.global_step, dataformats="HWC")
+        tb.writer.flush()
+    acc.wait_for_everyone()
+
+
+def _to_pil(x: torch.Tensor):
+    from PIL import Image
+
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+# ============================================================================ save
+
+def save(run: Run, report: dict) -> Path:
+    """Writes model/ (a diffusers dir; LoRA fused, adapter also in lora/) and train_report.json."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from training.model import unwrap
+
+    acc, cfg = run.acc, run.cfg
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        unet = unwrap(run.model.unet)
+        with _with_ema(run):
+            if cfg.train.what == "vae":
+                _set_latent_scale(run)
+            if cfg.train.what == "lora":
+                from diffusers.utils import convert_state_dict_to_diffusers
+
+                lora_tmp = run.out / "lora.tmp"
+                shutil.rmtree(lora_tmp, ignore_errors=True)
+                StableDiffusionPipeline.save_lora_weights(
+                    lora_tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                    safe_serialization=True)
+                _replace(lora_tmp, run.out / "lora")
+                unet.fuse_lora()
+                unet.unload_lora()
+            pipe = run.model.pipeline()
+            if cfg.train.save_dtype == "fp16":
+                pipe.to(torch.float16)
+            tmp = run.out / "model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            src_tok = Path(run.model.c.source) / "tokenizer"
+            for name in ("vocab.json", "merges.txt"):
+                if (src_tok / name).exists() and not (tmp / "tokenizer" / name).exists():
+                    shutil.copy(src_tok / name, tmp / "tokenizer" / name)
+            dump_config(cfg, tmp / "t2i_train.yaml")
+            _replace(tmp, run.out / "model")
+        report = {**report, "model_dir": str(run.out / "model"), "what": cfg.train.what}
+        _write_json(run.out / "train_report.json", report)
+    acc.end_training()
+    return run.out / "model"
+
+
+@torch.no_grad()
+def _set_latent_scale(run: Run) -> None:
+    """SD's scaling_factor: 1 / std of the latents, so the UNet sees unit-variance inputs."""
+    from training.model import to_pixels, unwrap
+
+    vae = unwrap(run.model.vae).eval()
+    x = to_pixels(run.pixels[:256])
+    z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.sample() for i in range(0, len(x), 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Runs a whole training job; returns the train report."""
+    run = setup(cfg)
+    report = run_loop(run)
+    save(run, report)
+    return report
