@@ -6,12 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-. .venv/bin/activate
 stamp=.venv/.t2i-installed
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
-python -m pip install -q --upgrade pip
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/setup.sh ]; then exit 0; fi
+pip_install() {  # pip's notes about this machine's local mirrors are noise; errors still show
+    .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
+echo "setting up .venv (first run: about 2 minutes)..." >&2
+pip_install --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-    python -m pip install -q "torch==2.13.*"
+    pip_install "torch==2.13.*"
 fi
-python -m pip install -q -e ".[dev]"
+pip_install -e ".[dev]"
 touch "$stamp"

@@ -94,3 +94,16 @@ def test_vae_stage_sets_latent_scale(micro_model, micro_data, tmp_path):
     main(_cfg(micro_model, micro_data, out, steps=2, extra=["train.what=vae"]))
     cfg = json.loads((out / "model" / "vae" / "config.json").read_text())
     assert cfg["scaling_factor"] != 0.18215 and cfg["scaling_factor"] > 0
+
+
+def test_non_finite_loss_stops_cleanly(micro_model, micro_data, tmp_path):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "nan"
+    res = run_cli("train", "configs/base-vae.yaml", *micro_overrides(micro_model, micro_data, out, steps=6),
+                  "data.synthetic=null", "train.what=unet", "train.learning_rate=1e30", "train.max_grad_norm=0",
+                  "checkpoint.every=1")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "loss became" in res.stderr and "Last good checkpoint" in res.stderr
+    assert not (out / "model").exists()
+    assert list((out / "checkpoints").glob("checkpoint-*"))

@@ -62,11 +62,40 @@ def cmd_generate(args) -> None:
         print(f"wrote {p}")
 
 
+def cmd_eval(args) -> None:
+    from evaluation.evaluate import EvalConfig, compare, evaluate, format_table
+    from training.config import load_config
+
+    cfg = load_config(EvalConfig, None, [], base={
+        "num_images": args.num_images, "prompts": args.prompts, "new_concepts": _csv(args.new_concepts),
+        "features": args.features, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+        "clip_model": args.clip_model})
+    if args.compare:
+        report = compare(args.model, args.compare, args.out, cfg)
+        print(format_table(report))
+        print(f"wrote {args.out}/compare.json and {args.out}/before_after.png")
+    else:
+        report = evaluate(args.model, args.out, cfg)
+        print(format_table(report))
+        print(f"wrote {args.out}/eval.json and {args.out}/samples.png")
+
+
+def cmd_train_classifier(args) -> None:
+    from evaluation.classifier import ClassifierConfig, train_classifier
+    from training.config import load_config
+
+    cfg = load_config(ClassifierConfig, args.config, args.overrides)
+    metrics = train_classifier(cfg)
+    print("held-out accuracy per head: " + ", ".join(f"{k} {v:.2%}" for k, v in metrics["held_out_accuracy"].items()))
+    print(f"wrote {cfg.output_dir}")
+
+
 def _csv(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evaluation.classifier import ClassifierConfig
     from training.train import TrainConfig
 
     p = argparse.ArgumentParser(prog="t2i", description="Fine-tune, export and serve text-to-image "
@@ -112,6 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help="images to generate (1-16)")
     g.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", formatter_class=_Formatter, help="FID, prompt adherence, forgetting",
+                       description="Evaluate a model dir on a fixed prompt set and seeds: FID against real images "
+                       "of the same scenes, prompt adherence (domain classifier), Inception Score, CLIP score "
+                       "(optional). With --compare BASE: the same prompts and seeds on both models, split into "
+                       "known and newly taught concepts (learning vs forgetting).")
+    e.add_argument("model", help="diffusers model dir")
+    e.add_argument("--out", required=True, help="folder for eval.json / compare.json and image grids")
+    e.add_argument("--compare", metavar="BASE_DIR", help="also evaluate this base model and compare")
+    e.add_argument("--new-concepts", help="comma-separated concepts the fine-tune teaches, e.g. star,heart,purple")
+    e.add_argument("--prompts", help="text file, one prompt per line (default: fixed set from the caption grammar)")
+    e.add_argument("--num-images", type=int, default=200, help="images per model")
+    e.add_argument("--features", default="auto", choices=["auto", "inception", "domain"],
+                   help="FID feature extractor (auto: inception if its weights are on disk, else domain)")
+    e.add_argument("--steps", type=int, default=20, help="sampling steps")
+    e.add_argument("--guidance", type=float, default=5.0, help="guidance scale")
+    e.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i")
+    e.add_argument("--clip-model", help="local CLIP model dir for CLIP score (skipped when absent)")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("train-classifier", formatter_class=_Formatter, help="train the domain classifier",
+                       description="Train the domain classifier (adherence heads + domain-FID features) on "
+                       "generator images.", epilog=_config_help(ClassifierConfig))
+    c.add_argument("config", help="YAML (configs/domain-classifier.yaml)")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    c.set_defaults(func=cmd_train_classifier)
     return p
 
 

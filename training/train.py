@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from evaluation.evaluate import EvalConfig
 from training.config import Strict, dump_config
 from training.errors import UserError
 
@@ -160,8 +161,8 @@ class TrainConfig(Strict):
     """TensorBoard logging and sample grids."""
     checkpoint: CheckpointArgs = CheckpointArgs()
     """Checkpointing and resume."""
-    eval: dict | None = None
-    """Evaluation after training (see evaluation/); null skips it."""
+    eval: EvalConfig | None = None
+    """Evaluate against the starting model after training (t2i eval --compare); null skips it."""
 
 
 class TrainingDiverged(UserError):
@@ -374,6 +375,28 @@ def _flat_hparams(cfg: TrainConfig) -> dict:
     return out
 
 
+def train_step(run: Run, micro: int):
+    """One micro-batch: forward, backward, and (at accumulation boundaries) clip + optimizer step.
+
+    Returns (loss, images processed by all processes, grad norm or None).
+    """
+    acc, t = run.acc, run.cfg.train
+    with acc.accumulate(*run.trainable):
+        inputs, emb = run.batch(run.batch_indices(micro))
+        with acc.autocast():  # also covers vae.encode/decode, which are not forward()
+            loss = (run.model.vae_loss(inputs, t.vae_kl_weight) if t.what == "vae"
+                    else run.model.loss(inputs, emb))
+        acc.backward(loss)
+        grad_norm = None
+        if acc.sync_gradients and t.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
+                                            t.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, len(inputs) * acc.num_processes, grad_norm
+
+
 def run_loop(run: Run) -> dict:
     acc, t = run.acc, run.cfg.train
     for m in run.trainable:
@@ -384,21 +407,9 @@ def run_loop(run: Run) -> dict:
     t0, last_loss, images_seen = time.time(), float("nan"), 0
     micro = run.global_step * t.grad_accum
     while run.global_step < t.max_steps:
-        with acc.accumulate(*run.trainable):
-            inputs, emb = run.batch(run.batch_indices(micro))
-            with acc.autocast():  # also covers vae.encode/decode, which are not forward()
-                loss = (run.model.vae_loss(inputs, t.vae_kl_weight) if t.what == "vae"
-                        else run.model.loss(inputs, emb))
-            acc.backward(loss)
-            grad_norm = None
-            if acc.sync_gradients and t.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
-                                                t.max_grad_norm)
-            run.optimizer.step()
-            run.lr_scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+        loss, n_images, grad_norm = train_step(run, micro)
         micro += 1
-        images_seen += len(inputs) * acc.num_processes
+        images_seen += n_images
         if not acc.sync_gradients:
             continue
         loss_val = acc.reduce(loss.detach(), reduction="mean").item()
@@ -588,4 +599,26 @@ def main(cfg: TrainConfig) -> dict:
     run = setup(cfg)
     report = run_loop(run)
     save(run, report)
+    if cfg.eval is not None and run.acc.is_main_process:
+        report["eval"] = evaluate_after_training(cfg)
+        _write_json(run.out / "train_report.json", {**json.loads((run.out / "train_report.json").read_text()),
+                                                     "eval": report["eval"]})
     return report
+
+
+def evaluate_after_training(cfg: TrainConfig) -> dict:
+    """Compares the trained model with the one it started from (known vs newly taught concepts)."""
+    from evaluation.evaluate import compare, evaluate, format_table
+    from training.presets import PRESETS
+
+    ecfg = cfg.eval
+    if not ecfg.new_concepts and cfg.data.synthetic is not None:
+        ecfg = ecfg.model_copy(update={"new_concepts": list(cfg.data.synthetic.focus)})
+    model, out = str(Path(cfg.output_dir) / "model"), str(Path(cfg.output_dir) / "eval")
+    if cfg.model.pretrained in PRESETS:  # nothing meaningful to compare a random init with
+        report = evaluate(model, out, ecfg)
+        print(format_table(report))
+        return {"splits": report["splits"], "features": report["features"]}
+    report = compare(model, cfg.model.pretrained, out, ecfg)
+    print(format_table(report))
+    return {"summary": report["summary"], "features": report["features"]}

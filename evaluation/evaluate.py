@@ -1,0 +1,292 @@
+"""``t2i eval``: FID, prompt adherence, Inception Score and (optional) CLIP score of a model, and
+the before/after comparison of a fine-tune against its base (learning vs forgetting).
+
+Scoring works on arrays of images, so export can score any variant's images with the same code
+(``score_images``); ``evaluate`` and ``compare`` add generation from model dirs around it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from training.config import Strict
+from training.data import ATTRIBUTES, WorldSpec, caption_scene, parse_caption, render_scene, sample_scene
+from training.errors import UserError
+
+ADHERENCE_ATTRS = ("shape", "colour", "position")
+
+
+class EvalConfig(Strict):
+    num_images: int = Field(200, ge=4, le=10000)
+    """Images generated (one per prompt; with new_concepts, half known and half new)."""
+    prompts: str | None = None
+    """Text file with one prompt per line (default: a fixed set drawn from the caption grammar)."""
+    new_concepts: list[str] = []
+    """Concepts a fine-tune teaches (e.g. [star, heart, purple]); splits the report into known/new."""
+    features: str = "auto"
+    """FID feature extractor: auto, inception or domain."""
+    steps: int = Field(20, ge=1, le=200)
+    """Sampling steps."""
+    guidance: float = Field(5.0, ge=0, le=30)
+    """Guidance scale."""
+    scheduler: str = "dpm"
+    """Sampler: dpm, ddim, ddpm or euler."""
+    seed: int = 0
+    """Prompt set seed; image i uses seed + i."""
+    batch_size: int = Field(32, ge=1)
+    """Images per pipeline call."""
+    clip_model: str | None = None
+    """Local CLIP model dir for CLIP score (skipped with a note when absent)."""
+
+
+# ============================================================================ prompt set
+
+def prompt_set(cfg: EvalConfig) -> list[dict]:
+    """[{prompt, scene, split}], deterministic from the seed. ``scene`` is None for free prompts."""
+    rng = random.Random(cfg.seed)
+    new = tuple(cfg.new_concepts)
+    if cfg.prompts:
+        p = Path(cfg.prompts)
+        if not p.is_file():
+            raise UserError(f"prompts file {cfg.prompts} does not exist")
+        lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise UserError(f"prompts file {cfg.prompts} is empty")
+        lines = (lines * (cfg.num_images // len(lines) + 1))[:cfg.num_images]
+        return [{"prompt": t, "scene": _scene_from_prompt(t, rng), "split": _split(t, new)} for t in lines]
+    if new:
+        specs = [("known", WorldSpec(exclude=new)), ("new", WorldSpec(focus=new))]
+    else:
+        specs = [("all", WorldSpec())]
+    out = []
+    for i in range(cfg.num_images):
+        split, spec = specs[i % len(specs)]
+        scene = sample_scene(rng, spec)
+        out.append({"prompt": caption_scene(scene, rng), "scene": scene, "split": split})
+    return out
+
+
+def _split(text: str, new: tuple) -> str:
+    if not new:
+        return "all"
+    words = set(text.lower().replace(",", " ").split())
+    return "new" if words & set(new) else "known"
+
+
+def _scene_from_prompt(text: str, rng: random.Random) -> dict | None:
+    """Completes a parsed prompt's unmentioned attributes at random (for the reference image)."""
+    parsed = parse_caption(text)
+    if len(parsed["objects"]) != 1:
+        return None
+    obj = {a: v or rng.choice(ATTRIBUTES[a]) for a, v in parsed["objects"][0].items()}
+    bg = parsed["background"] or rng.choice([b for b in ATTRIBUTES["background"]])
+    return {"background": bg, "objects": [obj]}
+
+
+def reference_images(items: list[dict], seed: int, size: int = 64) -> np.ndarray:
+    """Real images of the prompts' own scenes (fresh jitter): FID compares like with like."""
+    rng = random.Random(seed + 7919)
+    imgs = [np.asarray(render_scene(it["scene"], size, random.Random(rng.random())))
+            for it in items if it["scene"] is not None]
+    return np.stack(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8)
+
+
+# ============================================================================ scoring
+
+def adherence(images: np.ndarray, prompts: list[str], classifier) -> dict:
+    """Share of images whose classified attributes match what the prompt asks for.
+
+    Per attribute (only prompts that mention it count), ``shape+colour`` and ``all``
+    (shape, colour and position all right). Prompts outside the grammar are left out.
+    """
+    pred = classifier.predict(torch.from_numpy(images))
+    hits = {a: [] for a in (*ADHERENCE_ATTRS, "size", "background", "shape+colour", "all")}
+    for i, text in enumerate(prompts):
+        parsed = parse_caption(text)
+        if len(parsed["objects"]) != 1:
+            continue
+        want = {**parsed["objects"][0], "background": parsed["background"]}
+        ok = {a: pred[a][i] == want[a] for a in want if want[a] is not None}
+        for a, v in ok.items():
+            hits[a].append(v)
+        if all(want[a] for a in ("shape", "colour")):
+            hits["shape+colour"].append(ok["shape"] and ok["colour"])
+        if all(want[a] for a in ADHERENCE_ATTRS):
+            hits["all"].append(all(ok[a] for a in ADHERENCE_ATTRS))
+    return {a: round(100 * float(np.mean(v)), 1) if v else None for a, v in hits.items()} | \
+        {"n": len(hits["shape+colour"])}
+
+
+def inception_score(images: np.ndarray, classifier) -> dict:
+    """Inception Score (Salimans et al. 2016) over the domain classifier's shape and colour heads."""
+    from torchmetrics.image.inception import InceptionScore
+
+    out = {}
+    for head in ("shape", "colour"):
+        class Head(torch.nn.Module):
+            def forward(self, x, head=head):
+                with torch.no_grad():
+                    return classifier(x.permute(0, 2, 3, 1).contiguous())[head]
+        metric = InceptionScore(feature=Head(), splits=1)
+        metric.update(torch.from_numpy(images).permute(0, 3, 1, 2))
+        out[head] = round(float(metric.compute()[0]), 3)
+    return out
+
+
+def clip_score(images: np.ndarray, prompts: list[str], clip_model: str | None) -> dict:
+    if not clip_model:
+        return {"skipped": "no local CLIP model given (set clip_model to a local CLIP dir to compute it)"}
+    if not Path(clip_model).exists():
+        return {"skipped": f"CLIP model {clip_model} not found locally"}
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=clip_model)
+    metric.update(torch.from_numpy(images).permute(0, 3, 1, 2), prompts)
+    return {"score": round(float(metric.compute()), 3)}
+
+
+def score_images(images: np.ndarray, items: list[dict], cfg: EvalConfig, classifier=None,
+                 reference: np.ndarray | None = None) -> dict:
+    """All metrics for generated ``images`` (uint8 NHWC) of ``items``, overall and per split."""
+    from evaluation.classifier import load_classifier
+    from evaluation.fid import fid, resolve_features
+
+    classifier = classifier or load_classifier()
+    kind = resolve_features(cfg.features)
+    prompts = [it["prompt"] for it in items]
+    ref = reference if reference is not None else reference_images(items, cfg.seed)
+    splits = sorted({it["split"] for it in items})
+    report = {"features": kind, "num_images": len(images), "splits": {}}
+    for split in splits:
+        idx = [i for i, it in enumerate(items) if it["split"] == split]
+        ridx = [i for i, it in enumerate([it for it in items if it["scene"] is not None])
+                if it["split"] == split] if reference is None else list(range(len(ref)))
+        entry = {"n": len(idx), "adherence": adherence(images[idx], [prompts[i] for i in idx], classifier)}
+        if len(idx) >= 2 and len(ridx) >= 2:
+            entry["fid"] = round(fid(images[idx], ref[ridx], kind, classifier), 3)
+        report["splits"][split] = entry
+    report["adherence"] = adherence(images, prompts, classifier)
+    if len(ref) >= 2:
+        report["fid"] = round(fid(images, ref, kind, classifier), 3)
+    report["inception_score"] = inception_score(images, classifier)
+    report["clip_score"] = clip_score(images, prompts, cfg.clip_model)
+    return report
+
+
+# ============================================================================ generation
+
+def generate_images(model: str, items: list[dict], cfg: EvalConfig, desc: str = "generating") -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    from training.generate import SCHEDULERS, load_pipeline
+
+    if cfg.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {cfg.scheduler!r}; choose from {sorted(SCHEDULERS)}")
+    pipe = load_pipeline(model, cfg.scheduler)
+    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    out = []
+    for i in tqdm(range(0, len(items), cfg.batch_size), desc=desc, unit="batch", leave=False):
+        chunk = items[i:i + cfg.batch_size]
+        gens = [torch.Generator().manual_seed(cfg.seed + i + j) for j in range(len(chunk))]
+        with torch.no_grad():
+            imgs = pipe([it["prompt"] for it in chunk], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                        generator=gens, height=size, width=size, output_type="np").images
+        out.append((imgs * 255).round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def evaluate(model: str, out_dir: str, cfg: EvalConfig) -> dict:
+    """Generates the prompt set with ``model``, scores it, writes eval.json + samples.png."""
+    t0 = time.time()
+    items = prompt_set(cfg)
+    images = generate_images(model, items, cfg)
+    report = {"model": str(model), "config": cfg.model_dump(), **score_images(images, items, cfg)}
+    report["wall_time_s"] = round(time.time() - t0, 1)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _grid(images[:16], [it["prompt"] for it in items[:16]]).save(out / "samples.png")
+    write_json(out / "eval.json", report)
+    return report
+
+
+def compare(model: str, base: str, out_dir: str, cfg: EvalConfig) -> dict:
+    """Evaluates ``base`` and ``model`` on the same prompts and seeds; known vs new concepts."""
+    t0 = time.time()
+    items = prompt_set(cfg)
+    after = generate_images(model, items, cfg, "generating (model)")
+    before = generate_images(base, items, cfg, "generating (base)")
+    from evaluation.classifier import load_classifier
+
+    clf = load_classifier()
+    r_after, r_before = score_images(after, items, cfg, clf), score_images(before, items, cfg, clf)
+    table = {}
+    for split in r_after["splits"]:
+        a, b = r_after["splits"][split], r_before["splits"][split]
+        table[split] = {
+            "adherence_before": b["adherence"]["shape+colour"], "adherence_after": a["adherence"]["shape+colour"],
+            "adherence_all_before": b["adherence"]["all"], "adherence_all_after": a["adherence"]["all"],
+            "fid_before": b.get("fid"), "fid_after": a.get("fid"),
+        }
+        if b.get("fid"):
+            table[split]["fid_change_pct"] = round(100 * (a["fid"] - b["fid"]) / b["fid"], 1)
+    report = {"model": str(model), "base": str(base), "new_concepts": cfg.new_concepts, "features": r_after["features"],
+              "summary": table, "model_eval": r_after, "base_eval": r_before,
+              "wall_time_s": round(time.time() - t0, 1)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    new_idx = [i for i, it in enumerate(items) if it["split"] == "new"][:8] or list(range(min(8, len(items))))
+    _before_after_grid(before[new_idx], after[new_idx], [items[i]["prompt"] for i in new_idx]).save(
+        out / "before_after.png")
+    write_json(out / "compare.json", report)
+    return report
+
+
+def _grid(images: np.ndarray, labels: list[str]):
+    from PIL import Image
+
+    from training.model import image_grid
+
+    return image_grid([Image.fromarray(im) for im in images], cols=min(8, len(images)))
+
+
+def _before_after_grid(before: np.ndarray, after: np.ndarray, prompts: list[str]):
+    """Row 1: base, row 2: fine-tuned, same prompt and seed per column."""
+    from PIL import Image
+
+    from training.model import image_grid
+
+    ims = [Image.fromarray(x) for x in before] + [Image.fromarray(x) for x in after]
+    return image_grid(ims, cols=len(before))
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def format_table(report: dict) -> str:
+    """A small text table of a compare or eval report."""
+    if "summary" in report:
+        rows = ["split   adh.before  adh.after  FID before  FID after  FID change"]
+        for split, r in report["summary"].items():
+            rows.append(f"{split:7s} {_f(r['adherence_before']):>10s} {_f(r['adherence_after']):>10s} "
+                        f"{_f(r['fid_before']):>11s} {_f(r['fid_after']):>10s} {_f(r.get('fid_change_pct'), '%'):>11s}")
+        return "\n".join(rows) + f"\n(adherence = shape+colour correct, %; FID features: {report['features']})"
+    rows = ["split   n     shape  colour  position  shape+colour  all    FID"]
+    for split, r in report["splits"].items():
+        a = r["adherence"]
+        rows.append(f"{split:7s} {r['n']:<5d} {_f(a['shape']):>5s} {_f(a['colour']):>7s} {_f(a['position']):>9s} "
+                    f"{_f(a['shape+colour']):>13s} {_f(a['all']):>5s} {_f(r.get('fid')):>7s}")
+    return "\n".join(rows) + f"\n(adherence in %; FID features: {report['features']})"
+
+
+def _f(v, suffix="") -> str:
+    return "-" if v is None else (f"{v:.1f}{suffix}" if isinstance(v, float) else f"{v}{suffix}")

@@ -1,0 +1,92 @@
+"""Evaluation: FID behaviour, the domain classifier, the stats cache and the compare report."""
+import random
+
+import numpy as np
+import pytest
+
+from evaluation.classifier import load_classifier
+from evaluation.evaluate import EvalConfig, adherence, compare, prompt_set, reference_images
+from evaluation.fid import fid, load_reference, make_metric
+from training.data import WorldSpec, caption_scene, render_scene, sample_scene
+from training.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+def _world_images(n, seed):
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, WorldSpec()) for _ in range(n)]
+    imgs = np.stack([np.asarray(render_scene(s, 64, random.Random(rng.random()))) for s in scenes])
+    return imgs, scenes, [caption_scene(s, rng) for s in scenes]
+
+
+def test_fid_self_is_zero_and_grows_with_noise(classifier):
+    a, _, _ = _world_images(300, 1)
+    b, _, _ = _world_images(300, 2)
+    assert fid(a, a, "domain", classifier, cache=False) == pytest.approx(0.0, abs=1e-2)
+    rng = np.random.default_rng(0)
+    scores = []
+    for sigma in (0, 20, 60):
+        noisy = np.clip(b.astype(np.float32) + rng.normal(0, sigma, b.shape), 0, 255).astype(np.uint8)
+        scores.append(fid(noisy, a, "domain", classifier, cache=False))
+    assert scores[0] < scores[1] < scores[2]
+
+
+def test_domain_classifier_reads_generator_images(classifier):
+    imgs, scenes, captions = _world_images(400, 99)
+    pred = classifier.predict(__import__("torch").from_numpy(imgs))
+    for head in ("shape", "colour", "position"):
+        acc = np.mean([p == s["objects"][0][head] for p, s in zip(pred[head], scenes)])
+        assert acc >= 0.97, (head, acc)
+    # adherence of real images to their own captions is near-perfect
+    adh = adherence(imgs, captions, classifier)
+    assert adh["shape+colour"] >= 97 and adh["all"] >= 95
+
+
+def test_inception_without_weights_is_a_clear_error(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("T2I_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(UserError, match="T2I_INCEPTION_WEIGHTS"):
+        make_metric("inception")
+    from evaluation.fid import resolve_features
+
+    assert resolve_features("auto") == "domain"  # never silently "inception" without weights
+
+
+def test_reference_stats_cache_is_keyed_by_content(classifier, tmp_path, monkeypatch):
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path))
+    ref, _, _ = _world_images(50, 5)
+    first = load_reference(make_metric("domain", classifier), ref, "domain")
+    again = load_reference(make_metric("domain", classifier), ref, "domain")
+    assert not first["cached"] and again["cached"] and first["key"] == again["key"]
+    changed = ref.copy()
+    changed[0, 0, 0] ^= 1  # one pixel of one image
+    third = load_reference(make_metric("domain", classifier), changed, "domain")
+    assert not third["cached"] and third["key"] != first["key"]
+
+
+def test_prompt_set_is_fixed_and_split():
+    cfg = EvalConfig(num_images=20, new_concepts=["star", "purple"])
+    a, b = prompt_set(cfg), prompt_set(cfg)
+    assert [x["prompt"] for x in a] == [x["prompt"] for x in b]
+    for it in a:
+        has_new = any(w in it["prompt"] for w in ("star", "purple"))
+        assert (it["split"] == "new") == has_new, it["prompt"]
+    assert reference_images(a, 0).shape == (20, 64, 64, 3)
+
+
+def test_compare_separates_known_and_new(micro_model, tmp_path):
+    cfg = EvalConfig(num_images=8, new_concepts=["star"], steps=2, batch_size=8)
+    report = compare(str(micro_model), str(micro_model), str(tmp_path / "cmp"), cfg)
+    assert set(report["summary"]) == {"known", "new"}
+    for split in ("known", "new"):
+        row = report["summary"][split]
+        # same model on both sides: identical images, identical scores
+        assert row["adherence_before"] == row["adherence_after"]
+        assert row["fid_before"] == pytest.approx(row["fid_after"])
+    assert (tmp_path / "cmp" / "compare.json").exists() and (tmp_path / "cmp" / "before_after.png").exists()
