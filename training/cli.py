@@ -90,6 +90,24 @@ def cmd_train_classifier(args) -> None:
     print(f"wrote {cfg.output_dir}")
 
 
+def cmd_export(args) -> None:
+    from export.export import ExportConfig, main as export_main
+    from export.report import bench_table
+    from training.config import load_config
+
+    base = {"model": args.model, "out": args.out, "max_fid_drift": args.max_fid_drift,
+            "max_adherence_drop": args.max_adherence_drop, "num_images": args.num_images,
+            "batch_sizes": [int(b) for b in _csv(args.batch_sizes)], "steps": args.steps,
+            "features": args.features, "select": args.select, "device": args.device, "repeats": args.repeats}
+    if args.variants:
+        base["variants"] = _csv(args.variants)
+    cfg = load_config(ExportConfig, None, [], base=base)
+    manifest = export_main(cfg)
+    print(bench_table(manifest))
+    print(f"selected: {manifest['selected']} ({manifest['selection_reason']})")
+    print(f"wrote {args.out}/export.json, bench.md, bench.png")
+
+
 def _csv(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
@@ -160,6 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i")
     e.add_argument("--clip-model", help="local CLIP model dir for CLIP score (skipped when absent)")
     e.set_defaults(func=cmd_eval)
+
+    from export.variants import DEFAULT_VARIANTS, REGISTRY
+
+    x = sub.add_parser("export", formatter_class=_Formatter, help="optimized variants + benchmark + selection",
+                       description="Build optimized variants of a model dir (8-bit torchao / bitsandbytes, "
+                       "torch.compile, ONNX Runtime fp32/fp16/int8, bf16/fp16), benchmark each one's latency and its "
+                       "FID / adherence drift from eager-fp32 on the same prompts and seeds, and select the fastest "
+                       "variant inside the quality budget. Variants: " + ", ".join(REGISTRY))
+    x.add_argument("model", help="diffusers model dir")
+    x.add_argument("--out", required=True, help="export dir (variants, export.json, bench.md, bench.png)")
+    x.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated variant names")
+    x.add_argument("--max-fid-drift", type=float, default=5.0, help="budget: FID drift in %% of the baseline")
+    x.add_argument("--max-adherence-drop", type=float, default=2.0, help="budget: adherence drop in points")
+    x.add_argument("--num-images", type=int, default=100, help="quality images per variant")
+    x.add_argument("--batch-sizes", default="1,4", help="batch sizes to time (and warm up)")
+    x.add_argument("--repeats", type=int, default=5, help="timed runs per batch size")
+    x.add_argument("--steps", type=int, default=20, help="sampling steps (same for all variants)")
+    x.add_argument("--features", default="auto", choices=["auto", "inception", "domain"], help="FID features")
+    x.add_argument("--select", help="override the selection with this variant")
+    x.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where available")
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("train-classifier", formatter_class=_Formatter, help="train the domain classifier",
                        description="Train the domain classifier (adherence heads + domain-FID features) on "

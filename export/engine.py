@@ -1,0 +1,135 @@
+"""The sampling loop every export variant shares: classifier-free guided latent diffusion with
+per-request seed, guidance and negative prompt inside one batch.
+
+Variants differ only in their ``Backend`` (how the text encoder, UNet and VAE decoder run: eager,
+quantized, compiled, ONNX Runtime); the scheduler, step count and noise are the model's own, so a
+variant is the same model made faster, never a cheaper sampling recipe. With one request the loop
+reproduces diffusers' ``StableDiffusionPipeline`` (a test pins it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+
+
+class Backend(Protocol):
+    """The three networks of an SD pipeline, however they are run."""
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def unet(self, latents: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+class Generator:
+    """``generate(requests) -> images``: the object export's loader returns for every variant."""
+
+    def __init__(self, backend: Backend, tokenizer, scheduler_config: dict, vae_scale: int, latent_channels: int,
+                 scaling_factor: float, native_size: int, info: dict | None = None):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.vae_scale = vae_scale
+        self.latent_channels = latent_channels
+        self.scaling_factor = scaling_factor
+        self.native_size = native_size
+        self.info = info or {}
+        self.unet_time_s = 0.0  # accumulated, for the benchmark's UNet time per step
+        self.unet_calls = 0
+
+    def new_scheduler(self):
+        import diffusers
+
+        cls = getattr(diffusers, self.scheduler_config.get("_class_name", "DPMSolverMultistepScheduler"))
+        return cls.from_config(self.scheduler_config)
+
+    def tokens_truncated(self, prompt: str) -> bool:
+        return len(self.tokenizer(prompt).input_ids) > self.tokenizer.model_max_length
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.backend.encode_text(ids)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[np.ndarray]]:
+        """Images (uint8 HWC arrays) for each request, in order. Requests with the same step count
+        and size run together as one batch."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (r.num_inference_steps, r.height or self.native_size, r.width or self.native_size)
+            groups.setdefault(key, []).append(i)
+        out: list[list[np.ndarray]] = [[] for _ in requests]
+        for (steps, h, w), idx in groups.items():
+            images = self._run([requests[i] for i in idx], steps, h, w)
+            k = 0
+            for i in idx:
+                out[i] = images[k:k + requests[i].num_images]
+                k += requests[i].num_images
+        return out
+
+    @torch.no_grad()
+    def _run(self, reqs: list[GenerationRequest], steps: int, height: int, width: int) -> list[np.ndarray]:
+        import time
+
+        prompts, negatives, seeds, scales = [], [], [], []
+        for r in reqs:
+            for j in range(r.num_images):
+                prompts.append(r.prompt)
+                negatives.append(r.negative_prompt or "")
+                seeds.append(r.seed + j)
+                scales.append(r.guidance_scale)
+        n = len(prompts)
+        emb = self.encode(negatives + prompts)  # [uncond..., cond...] as diffusers orders them
+        shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        sched = self.new_scheduler()
+        sched.set_timesteps(steps)
+        latents = latents * sched.init_noise_sigma
+        g = torch.tensor(scales, dtype=torch.float32).view(n, 1, 1, 1)
+        for t in sched.timesteps:
+            model_in = sched.scale_model_input(torch.cat([latents, latents]), t)
+            t0 = time.perf_counter()
+            noise = self.backend.unet(model_in, t, emb).float()
+            self.unet_time_s += time.perf_counter() - t0
+            self.unet_calls += 1
+            uncond, cond = noise.chunk(2)
+            guided = torch.where(g > 1.0, uncond + g * (cond - uncond), cond)
+            latents = sched.step(guided, t, latents, return_dict=False)[0]
+        images = self.backend.decode(latents / self.scaling_factor).float()
+        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return list(images.permute(0, 2, 3, 1).numpy())
+
+
+class TorchBackend:
+    """Backend over torch modules (eager, quantized or compiled), in ``dtype`` on ``device``."""
+
+    def __init__(self, text_encoder, unet, vae, dtype=torch.float32, device="cpu"):
+        self.text_encoder, self.unet_model, self.vae = text_encoder, unet, vae
+        self.dtype, self.device = dtype, torch.device(device)
+
+    def encode_text(self, input_ids):
+        return self.text_encoder(input_ids.to(self.device), return_dict=False)[0]
+
+    def unet(self, latents, t, text_emb):
+        return self.unet_model(latents.to(self.device, self.dtype), t.to(self.device),
+                               text_emb.to(self.device, self.dtype), return_dict=False)[0].cpu()
+
+    def decode(self, latents):
+        return self.vae.decode(latents.to(self.device, self.dtype), return_dict=False)[0].cpu()

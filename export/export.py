@@ -1,0 +1,276 @@
+"""``t2i export``: build optimized variants of a model dir, benchmark each one's latency against
+its quality drift from eager-fp32 on the same prompts, seeds, scheduler and steps, and select the
+fastest variant inside the quality budget.  ``main(cfg)`` = setup -> run -> save.
+
+Writes EXPORT_DIR/<variant>/ (each loadable from disk alone), export.json (the manifest),
+bench.md (the table) and bench.png (latency vs FID drift, Pareto front marked).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from export.common import atomic_dir, dir_size_mb
+from training.config import Strict
+from training.errors import UserError
+
+BASELINE = "eager-fp32"
+
+
+class ExportConfig(Strict):
+    model: str
+    """Model dir to export (a diffusers SD folder)."""
+    out: str
+    """Export dir to write."""
+    variants: list[str] = ["eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-bnb", "compile",
+                           "onnx-fp32", "onnx-fp16", "onnx-int8"]
+    """Variants to build and consider (eager-fp32 is always built as the reference)."""
+    max_fid_drift: float = Field(5.0, ge=0)
+    """Quality budget: FID drift from eager-fp32, in % of its FID."""
+    max_adherence_drop: float = Field(2.0, ge=0)
+    """Quality budget: drop of prompt adherence (shape+colour) in points."""
+    num_images: int = Field(100, ge=4)
+    """Quality prompts (images per variant)."""
+    batch_sizes: list[int] = [1, 4]
+    """Batch sizes timed (and warmed up for compile)."""
+    repeats: int = Field(5, ge=1)
+    """Timed runs per batch size, after warm-up."""
+    steps: int = Field(20, ge=1, le=200)
+    """Sampling steps (the same for every variant)."""
+    guidance: float = 5.0
+    """Guidance scale."""
+    features: str = "auto"
+    """FID feature extractor: auto, inception or domain."""
+    select: str | None = None
+    """Force this variant as the selected one (it must have been built)."""
+    device: str | None = None
+    """cpu or cuda (default: cuda where available)."""
+    seed: int = 0
+    """Prompt-set seed."""
+
+
+def plan_for(cfg: ExportConfig) -> tuple[dict, list[dict]]:
+    from evaluation.evaluate import EvalConfig, prompt_set
+
+    items = prompt_set(EvalConfig(num_images=cfg.num_images, seed=cfg.seed, features=cfg.features))
+    prompts = [it["prompt"] for it in items]
+    plan = {"batch_sizes": cfg.batch_sizes, "steps": cfg.steps, "guidance": cfg.guidance,
+            "repeats": cfg.repeats, "prompts": prompts * (1 + max(cfg.batch_sizes) * cfg.repeats // len(prompts)),
+            "quality_prompts": prompts, "quality_seeds": [cfg.seed + i for i in range(len(prompts))],
+            "quality_batch": 8}
+    return plan, items
+
+
+# ============================================================================ setup
+
+def setup(cfg: ExportConfig) -> dict:
+    from export.loader import default_device
+    from export.variants import get
+    from training.presets import resolve_model
+
+    path, local = resolve_model(cfg.model)
+    if not local:
+        raise UserError("export needs a local model dir (download the hub model first)")
+    for name in cfg.variants:
+        get(name)  # unknown names fail here, before anything is written
+    if cfg.select and cfg.select not in cfg.variants:
+        raise UserError(f"--select {cfg.select} is not among the variants built: {cfg.variants}")
+    if any(b < 1 for b in cfg.batch_sizes):
+        raise UserError("batch sizes must be positive")
+    device = cfg.device or default_device()
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"device {device} must be cpu or cuda")
+    out = Path(cfg.out)
+    if out.exists() and not (out / "export.json").exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not an export dir; choose another --out")
+    names = [BASELINE] + [n for n in cfg.variants if n != BASELINE]
+    return {"model": Path(path), "out": out, "device": device, "names": names}
+
+
+# ============================================================================ run
+
+def build_variants(state: dict, cfg: ExportConfig) -> dict:
+    from export.variants import get
+
+    entries = {}
+    ctx = {"batch_sizes": cfg.batch_sizes}
+    for name in tqdm(state["names"], desc="building variants", unit="variant"):
+        variant = get(name)
+        reason = variant.unsupported(state["device"])
+        if reason:
+            entries[name] = {"status": "skipped", "reason": reason}
+            continue
+        final = state["out"] / name
+        t0 = time.perf_counter()
+        try:
+            with atomic_dir(final) as tmp:
+                notes = variant.build(state["model"], tmp, state["device"], ctx)
+        except UserError as e:
+            entries[name] = {"status": "failed", "reason": str(e)}
+            continue
+        except Exception as e:  # a backend that breaks on this model/hardware: report, don't crash
+            entries[name] = {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        entries[name] = {"status": "ok", "dir": name, "build_s": round(time.perf_counter() - t0, 1),
+                         "size_mb": dir_size_mb(final), "tolerance_px": variant.TOLERANCE, "notes": notes,
+                         "load": {"registry": name, "call": f"export.loader.load(EXPORT_DIR, '{name}')"}}
+    return entries
+
+
+def bench_variants(state: dict, cfg: ExportConfig, entries: dict, plan: dict) -> dict[str, np.ndarray]:
+    work = state["out"] / ".bench"
+    work.mkdir(exist_ok=True)
+    (work / "plan.json").write_text(json.dumps(plan))
+    images = {}
+    for name, e in tqdm([(n, e) for n, e in entries.items() if e["status"] == "ok"], desc="benchmarking",
+                        unit="variant"):
+        res, npy = work / f"{name}.json", work / f"{name}.npy"
+        cmd = [sys.executable, "-m", "export.bench_worker", str(state["out"] / e["dir"]), name,
+               str(work / "plan.json"), str(res), str(npy), "--device", state["device"]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if proc.returncode != 0:
+            e.update(status="failed", reason="benchmark failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+            continue
+        e["bench"] = json.loads(res.read_text())
+        images[name] = np.load(npy)
+    return images
+
+
+def quality(entries: dict, images: dict[str, np.ndarray], items: list[dict], cfg: ExportConfig) -> None:
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from evaluation.classifier import load_classifier
+    from evaluation.evaluate import EvalConfig, adherence, reference_images
+    from evaluation.fid import fid, resolve_features
+
+    kind = resolve_features(cfg.features)
+    clf = load_classifier()  # adherence always; FID features too when kind == "domain"
+    ecfg = EvalConfig(num_images=cfg.num_images, seed=cfg.seed, features=cfg.features)
+    ref = reference_images(items, ecfg.seed)
+    prompts = [it["prompt"] for it in items]
+    base = images[BASELINE]
+    base_fid = fid(base, ref, kind, clf)
+    base_adh = adherence(base, prompts, clf)["shape+colour"]
+    bt = torch.from_numpy(base).permute(0, 3, 1, 2).float() / 255
+    for name, imgs in images.items():
+        f = fid(imgs, ref, kind, clf)
+        adh = adherence(imgs, prompts, clf)["shape+colour"]
+        vt = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+        psnr = [float(peak_signal_noise_ratio(vt[i:i + 1], bt[i:i + 1], data_range=1.0)) for i in range(len(vt))]
+        ssim = float(structural_similarity_index_measure(vt, bt, data_range=1.0))
+        mad = float(np.abs(imgs.astype(np.float32) - base.astype(np.float32)).mean())
+        drift = f - base_fid
+        entries[name]["quality"] = {
+            "features": kind, "fid": round(f, 3), "fid_drift": round(drift, 3),
+            "fid_drift_pct": round(100 * drift / base_fid, 2) if base_fid > 0 else 0.0,
+            "fid_vs_baseline": round(fid(imgs, base, kind, clf, cache=False), 3) if name != BASELINE else 0.0,
+            "psnr_db_median": round(float(np.median([p if np.isfinite(p) else 100.0 for p in psnr])), 2),
+            "ssim": round(ssim, 4), "mean_abs_px_diff": round(mad, 3),
+            "adherence": adh, "adherence_drop": round(base_adh - adh, 1),
+            "within_tolerance": mad <= entries[name]["tolerance_px"],
+        }
+
+
+def select(entries: dict, cfg: ExportConfig) -> tuple[str | None, str]:
+    ok = {n: e for n, e in entries.items() if e["status"] == "ok" and "quality" in e}
+    for e in ok.values():
+        q = e["quality"]
+        e["within_budget"] = q["fid_drift_pct"] <= cfg.max_fid_drift and q["adherence_drop"] <= cfg.max_adherence_drop
+    if cfg.select:
+        if cfg.select not in ok:
+            raise UserError(f"--select {cfg.select}: that variant did not build/benchmark "
+                            f"({entries.get(cfg.select, {}).get('reason', 'not built')})")
+        return cfg.select, "chosen with --select"
+    b1 = str(min(cfg.batch_sizes))
+    candidates = [n for n, e in ok.items() if e["within_budget"] and n in cfg.variants]
+    if not candidates:
+        return None, "no variant is inside the budget"
+    best = min(candidates, key=lambda n: ok[n]["bench"]["latency"][b1]["median_s"])
+    return best, f"fastest at batch {b1} with FID drift <= {cfg.max_fid_drift}% and adherence drop <= " \
+                 f"{cfg.max_adherence_drop} pts"
+
+
+def unet_flops(model_dir: Path, batch: int = 2) -> float:
+    """FLOPs of one UNet call at the guided batch size (torch's FlopCounterMode)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from export.common import load_torch_parts
+
+    te, unet, _ = load_torch_parts(model_dir)
+    s = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, s, s)
+    emb = torch.randn(batch, te.config.max_position_embeddings, te.config.hidden_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        unet(x, torch.tensor(500), emb)
+    return float(fc.get_total_flops())
+
+
+def matmul_peak_gflops(n: int = 1024, dtype=None) -> float:
+    import torch
+
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        a @ b
+    return round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9, 1)
+
+
+# ============================================================================ save
+
+def save(state: dict, cfg: ExportConfig, entries: dict, selected: str | None, reason: str, hw: dict) -> dict:
+    from export.report import write_bench_md, write_plot
+
+    manifest = {"model_dir": str(state["model"]), "device": state["device"], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "config": cfg.model_dump(), "budget": {"max_fid_drift_pct": cfg.max_fid_drift,
+                                                       "max_adherence_drop_pts": cfg.max_adherence_drop},
+                "baseline": BASELINE, "hardware": hw, "variants": entries, "selected": selected,
+                "selection_reason": reason}
+    out = state["out"]
+    write_plot(manifest, out / "bench.png")
+    write_bench_md(manifest, out / "bench.md")
+    tmp = out / "export.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, out / "export.json")
+    shutil.rmtree(out / ".bench", ignore_errors=True)
+    return manifest
+
+
+def main(cfg: ExportConfig) -> dict:
+    state = setup(cfg)
+    state["out"].mkdir(parents=True, exist_ok=True)
+    plan, items = plan_for(cfg)
+    entries = build_variants(state, cfg)
+    images = bench_variants(state, cfg, entries, plan)
+    if BASELINE not in images:
+        raise UserError(f"the baseline {BASELINE} failed: {entries[BASELINE].get('reason')}")
+    quality(entries, images, items, cfg)
+    flops = unet_flops(state["model"])
+    peak = matmul_peak_gflops()
+    for e in entries.values():
+        if e["status"] == "ok":
+            ms = e["bench"]["latency"][str(min(cfg.batch_sizes))]["unet_step_ms"]
+            e["bench"]["unet_gflops_per_s"] = round(flops / (ms / 1000) / 1e9, 1) if ms else None
+            e["bench"]["unet_fraction_of_fp32_peak"] = round(e["bench"]["unet_gflops_per_s"] / peak, 3) if ms else None
+    selected, reason = select(entries, cfg)
+    hw = {"cpu": platform.processor() or platform.machine(), "threads": __import__("torch").get_num_threads(),
+          "matmul_fp32_gflops": peak, "unet_gflop_per_step_b1": round(flops / 1e9, 3)}
+    manifest = save(state, cfg, entries, selected, reason, hw)
+    if selected is None:
+        raise UserError(f"no variant meets the budget (FID drift <= {cfg.max_fid_drift}%, adherence drop <= "
+                        f"{cfg.max_adherence_drop} pts); see {state['out']}/bench.md, or pass --select NAME")
+    return manifest

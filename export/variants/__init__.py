@@ -1,0 +1,39 @@
+"""The variant registry: name -> a small module with the same four functions.
+
+    unsupported(device) -> str | None   why it cannot run here (None: it can)
+    build(model_dir, out_dir, device, ctx) -> dict   writes the variant folder; returns manifest notes
+    load(var_dir, device) -> export.engine.Generator   in a fresh process, from the folder alone
+    TOLERANCE: float   max mean-abs pixel difference (0-255) from eager-fp32 on the same seeds
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from export.variants import compiled, eager, int8_bnb, int8_torchao, onnx
+
+REGISTRY: dict[str, object] = {
+    "eager-fp32": eager.Eager("fp32"),
+    "eager-bf16": eager.Eager("bf16"),
+    "eager-fp16": eager.Eager("fp16"),
+    "int8-torchao": int8_torchao.TorchAOInt8("dynamic"),
+    "int8-torchao-wo": int8_torchao.TorchAOInt8("weight-only"),
+    "int8-bnb": int8_bnb.BnbInt8(),
+    "compile": compiled.Compiled(base="eager-fp32"),
+    "compile-int8": compiled.Compiled(base="int8-torchao"),
+    "onnx-fp32": onnx.Onnx("fp32"),
+    "onnx-fp16": onnx.Onnx("fp16"),
+    "onnx-int8": onnx.Onnx("int8"),
+}
+DEFAULT_VARIANTS = ["eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-bnb", "compile",
+                    "onnx-fp32", "onnx-fp16", "onnx-int8"]
+
+
+def get(name: str):
+    from training.errors import UserError
+
+    if name not in REGISTRY:
+        raise UserError(f"unknown variant {name!r}; variants: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+__all__ = ["REGISTRY", "DEFAULT_VARIANTS", "get", "ModuleType"]
