@@ -186,7 +186,9 @@ def select(entries: dict, cfg: ExportConfig) -> tuple[str | None, str]:
     ok = {n: e for n, e in entries.items() if e["status"] == "ok" and "quality" in e}
     for e in ok.values():
         q = e["quality"]
-        e["within_budget"] = q["fid_drift_pct"] <= cfg.max_fid_drift and q["adherence_drop"] <= cfg.max_adherence_drop
+        # Drift either way is a change from the original model, so the budget bounds its size.
+        e["within_budget"] = (abs(q["fid_drift_pct"]) <= cfg.max_fid_drift
+                              and q["adherence_drop"] <= cfg.max_adherence_drop)
     if cfg.select:
         if cfg.select not in ok:
             raise UserError(f"--select {cfg.select}: that variant did not build/benchmark "
@@ -197,7 +199,7 @@ def select(entries: dict, cfg: ExportConfig) -> tuple[str | None, str]:
     if not candidates:
         return None, "no variant is inside the budget"
     best = min(candidates, key=lambda n: ok[n]["bench"]["latency"][b1]["median_s"])
-    return best, f"fastest at batch {b1} with FID drift <= {cfg.max_fid_drift}% and adherence drop <= " \
+    return best, f"fastest at batch {b1} with |FID drift| <= {cfg.max_fid_drift}% and adherence drop <= " \
                  f"{cfg.max_adherence_drop} pts"
 
 

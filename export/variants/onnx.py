@@ -158,8 +158,13 @@ class Onnx:
         if self.precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            import onnx
+
             for name in ("text_encoder", "unet"):
                 path = out_dir / name / "model.onnx"
+                m = onnx.load(str(path))
+                del m.graph.value_info[:]  # the exporter's shape annotations confuse the quantizer's inference
+                onnx.save(m, str(path))
                 q = path.with_name("model.int8.onnx")
                 quantize_dynamic(str(path), str(q), op_types_to_quantize=["MatMul", "Gemm"],
                                  weight_type=QuantType.QInt8)

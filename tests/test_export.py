@@ -1,0 +1,120 @@
+"""Export: the shared sampling loop, every CPU variant through disk into a fresh process, the
+manifest, the selection and bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from export.engine import GenerationRequest
+from tests.conftest import ROOT, run_cli
+
+CPU_VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "int8-bnb", "compile", "onnx-fp32", "onnx-int8"]
+
+
+def test_engine_matches_diffusers_pipeline(micro_model):
+    from diffusers import StableDiffusionPipeline
+
+    from export.common import load_torch_parts, torch_generator
+
+    te, unet, vae = load_torch_parts(micro_model)
+    gen = torch_generator(micro_model, te, unet, vae, torch.float32, "cpu")
+    ours = gen.generate([GenerationRequest("a red circle on the left", num_inference_steps=4, guidance_scale=4.0,
+                                           seed=3)])[0][0]
+    pipe = StableDiffusionPipeline.from_pretrained(micro_model)
+    ref = pipe("a red circle on the left", num_inference_steps=4, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    ref = (ref * 255).round().astype(np.uint8)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_engine_batches_mixed_requests_like_single_ones(micro_model):
+    from export.common import load_torch_parts, torch_generator
+
+    gen = torch_generator(micro_model, *load_torch_parts(micro_model), torch.float32, "cpu")
+    reqs = [GenerationRequest("a red circle", num_inference_steps=3, guidance_scale=2.0, seed=1),
+            GenerationRequest("a blue square", num_inference_steps=5, guidance_scale=7.0, seed=2, num_images=2),
+            GenerationRequest("a green cross", num_inference_steps=3, guidance_scale=1.0, seed=3,
+                              negative_prompt="red")]
+    batched = gen.generate(reqs)
+    assert [len(x) for x in batched] == [1, 2, 1]
+    for r, imgs in zip(reqs, batched):
+        alone = gen.generate([r])[0]
+        for a, b in zip(alone, imgs):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+@pytest.fixture(scope="module")
+def exported(micro_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "exp"
+    res = run_cli("export", str(micro_model), "--out", str(out), "--variants",
+                  ",".join(CPU_VARIANTS + ["eager-fp16", "onnx-fp16"]), "--num-images", "8", "--repeats", "1",
+                  "--batch-sizes", "1", "--steps", "4", "--max-fid-drift", "1000", "--max-adherence-drop", "100",
+                  timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, json.loads((out / "export.json").read_text())
+
+
+def test_every_cpu_variant_round_trips_within_tolerance(exported):
+    out, manifest = exported
+    for name in CPU_VARIANTS:
+        e = manifest["variants"][name]
+        assert e["status"] == "ok", (name, e.get("reason"))
+        assert (out / e["dir"]).is_dir()
+        q = e["quality"]
+        # images made in a fresh process from the folder alone, compared with eager-fp32's
+        assert q["within_tolerance"], (name, q["mean_abs_px_diff"], e["tolerance_px"])
+    assert manifest["variants"]["eager-fp32"]["quality"]["mean_abs_px_diff"] == 0
+
+
+def test_unsupported_variants_are_skipped_with_reason(exported):
+    _, manifest = exported
+    for name in ("eager-fp16", "onnx-fp16"):
+        assert manifest["variants"][name]["status"] == "skipped"
+        assert "GPU" in manifest["variants"][name]["reason"] or "CUDA" in manifest["variants"][name]["reason"]
+
+
+def test_manifest_selection_and_reports(exported):
+    out, manifest = exported
+    sel = manifest["selected"]
+    assert sel in CPU_VARIANTS and manifest["variants"][sel]["within_budget"]
+    lat = {n: e["bench"]["latency"]["1"]["median_s"] for n, e in manifest["variants"].items()
+           if e["status"] == "ok" and e.get("within_budget")}
+    assert lat[sel] == min(lat.values())
+    for key in ("load_s", "warmup_s", "peak_rss_mb", "unet_gflops_per_s"):
+        assert key in manifest["variants"][sel]["bench"]
+    assert (out / "bench.md").read_text().count("|") > 20 and (out / "bench.png").stat().st_size > 1000
+    assert not (out / ".bench").exists() and not list(out.glob("*.tmp"))
+
+
+def test_onnx_folders_have_optimum_layout(exported):
+    out, _ = exported
+    for name in ("onnx-fp32", "onnx-int8"):
+        d = out / name
+        for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+            assert (d / part / "model.onnx").is_file() and (d / part / "config.json").is_file()
+        assert (d / "tokenizer").is_dir() and (d / "scheduler").is_dir() and (d / "model_index.json").is_file()
+
+
+def test_fresh_process_loads_selected_variant(exported):
+    out, manifest = exported
+    code = ("import sys; from export.loader import load; from export.engine import GenerationRequest;"
+            "g = load(sys.argv[1]); im = g.generate([GenerationRequest('a red circle', num_inference_steps=4)])[0][0];"
+            "print(g.info['variant'], im.shape)")
+    res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[0] == manifest["selected"] and "(32, 32, 3)" in res.stdout
+
+
+def test_bad_export_input(micro_model, tmp_path):
+    res = run_cli("export", str(tmp_path / "missing"), "--out", str(tmp_path / "e"))
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("export", str(micro_model), "--out", str(tmp_path / "e"), "--variants", "eager-fp32,turbo-int3")
+    assert res.returncode == 2 and "turbo-int3" in res.stderr and "onnx-fp32" in res.stderr
+    assert not (tmp_path / "e").exists()
+    res = run_cli("export", str(micro_model), "--out", str(tmp_path / "e2"), "--variants", "eager-bf16",
+                  "--num-images", "4", "--repeats", "1", "--batch-sizes", "1", "--steps", "2",
+                  "--max-fid-drift", "0", "--max-adherence-drop", "0")
+    assert res.returncode == 2 and "no variant meets the budget" in res.stderr and "Traceback" not in res.stderr
