@@ -32,6 +32,9 @@ from training.train import TrainConfig, setup, train_step  # noqa: E402
 
 
 def measure(model: Path, data: Path, work: Path, name: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # each setting gets its own mixed-precision state
     cfg = load_config(TrainConfig, None, [
         f"model.pretrained={model}", f"data.path={data}", f"output_dir={work / name}", "train.batch_size=16",
         f"train.max_steps={steps + warmup}", "train.warmup_steps=0", *overrides])

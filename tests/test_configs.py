@@ -42,3 +42,8 @@ def test_overrides_are_typed():
     assert cfg.train.ema_decay == 0.99
     with pytest.raises(UserError, match="train.max_steps"):
         load_config(TrainConfig, None, ["train.max_steps=0"])
+
+
+def test_yaml_no_means_the_string_no():
+    cfg = load_config(TrainConfig, None, ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"

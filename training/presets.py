@@ -34,7 +34,7 @@ class Preset:
     unet_blocks: tuple[str, ...]
     unet_up_blocks: tuple[str, ...]
     unet_layers: int
-    unet_head_dim: int
+    unet_heads: int  # diffusers calls this attention_head_dim, but it is the number of heads
     vae_channels: tuple[int, ...]
     scheduler: dict = field(default_factory=lambda: dict(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
@@ -47,13 +47,13 @@ PRESETS: dict[str, Preset] = {
         unet_channels=(64, 128, 128),
         unet_blocks=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         unet_up_blocks=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        unet_layers=1, unet_head_dim=32, vae_channels=(16, 32, 64)),
+        unet_layers=1, unet_heads=4, vae_channels=(16, 32, 64)),
     # For tests: builds and trains in seconds.
     "micro": Preset(
         resolution=32, vocab_size=600, text_width=32, text_layers=1, text_heads=2,
         unet_channels=(32, 32), unet_blocks=("CrossAttnDownBlock2D", "DownBlock2D"),
         unet_up_blocks=("UpBlock2D", "CrossAttnUpBlock2D"),
-        unet_layers=1, unet_head_dim=16, vae_channels=(16, 32)),
+        unet_layers=1, unet_heads=2, vae_channels=(16, 32)),
 }
 
 
@@ -127,7 +127,7 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
             sample_size=p.resolution // vae_scale, in_channels=4, out_channels=4,
             down_block_types=p.unet_blocks, up_block_types=p.unet_up_blocks,
             block_out_channels=p.unet_channels, layers_per_block=p.unet_layers,
-            cross_attention_dim=p.text_width, attention_head_dim=p.unet_head_dim,
+            cross_attention_dim=p.text_width, attention_head_dim=p.unet_heads,
             norm_num_groups=min(32, p.unet_channels[0]))
         scheduler = DPMSolverMultistepScheduler(**p.scheduler, steps_offset=1)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from evaluation.evaluate import EvalConfig
@@ -69,6 +69,11 @@ class ModelConfig(Strict):
 
 
 class TrainArgs(Strict):
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_not_false(cls, v):  # YAML 1.1 reads a bare `no` as False
+        return "no" if v is False else v
+
     what: Literal["unet", "lora", "vae"] = "unet"
     """Which weights to train: full UNet, LoRA adapters on the UNet, or the VAE."""
     train_text_encoder: bool = False
@@ -235,8 +240,10 @@ class Run:
         self.ckpt_dir = self.out / "checkpoints"
         self.resume = _find_checkpoint(self.ckpt_dir, cfg.checkpoint.resume_from)
 
+        # cpu=True without a GPU: how accelerate picks gloo data parallelism (MULTI_CPU) when
+        # `accelerate launch --multi_gpu` / torchrun start several processes on a CPU machine.
         self.acc = Accelerator(
-            mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+            cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with="tensorboard", project_config=ProjectConfiguration(
                 project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         torch.manual_seed(t.seed + self.acc.process_index)
