@@ -90,3 +90,23 @@ def atomic_dir(final: Path):
             shutil.rmtree(final)
         os.replace(tmp, final)
     return ctx()
+
+
+def save_quantized(out_dir: Path, modules: dict, filename: str) -> None:
+    """Config + a torch.save'd state dict per module (quantized tensors are not safetensors-able)."""
+    for name, module in modules.items():
+        (out_dir / name).mkdir()
+        if name == "text_encoder":
+            module.config.to_json_file(out_dir / name / "config.json")
+        else:
+            module.save_config(out_dir / name)
+        torch.save({k: v.cpu() for k, v in module.state_dict().items()}, out_dir / name / filename)
+
+
+def empty_parts(var_dir: Path) -> dict:
+    """Text encoder and UNet built from their configs, weights to be filled by load_state_dict."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(var_dir / "text_encoder")),
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(var_dir / "unet"))}

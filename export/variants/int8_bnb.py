@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from export.common import copy_shared, load_torch_parts, torch_generator, write_meta
+from export.common import copy_shared, empty_parts, load_torch_parts, save_quantized, torch_generator, write_meta
 
 
 def swap_linears(module: torch.nn.Module) -> int:
@@ -52,21 +52,17 @@ class BnbInt8:
         for name, module in (("text_encoder", te), ("unet", unet)):
             counts[name] = swap_linears(module)
             module.to(device)  # bitsandbytes quantizes when the weights move to the device
-            (out_dir / name).mkdir()
-            module.config.to_json_file(out_dir / name / "config.json") if name == "text_encoder" else \
-                module.save_config(out_dir / name)
-            torch.save({k: v.cpu() for k, v in module.state_dict().items()}, out_dir / name / "bnb_int8.pt")
+        save_quantized(out_dir, {"text_encoder": te, "unet": unet}, "bnb_int8.pt")
         vae.save_pretrained(out_dir / "vae", safe_serialization=True)
         write_meta(model_dir, out_dir)
         return {"format": "bitsandbytes Linear8bitLt state dict", "linear_layers": counts}
 
     def load(self, var_dir: Path, device: str):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from diffusers import AutoencoderKL
 
-        te = CLIPTextModel(CLIPTextConfig.from_pretrained(var_dir / "text_encoder"))
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(var_dir / "unet"))
-        for name, module in (("text_encoder", te), ("unet", unet)):
+        parts = empty_parts(var_dir)
+        te, unet = parts["text_encoder"], parts["unet"]
+        for name, module in parts.items():
             swap_linears(module)
             module.to(device)
             module.load_state_dict(torch.load(var_dir / name / "bnb_int8.pt", weights_only=False,

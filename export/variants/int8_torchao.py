@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from export.common import copy_shared, load_torch_parts, torch_generator, write_meta
+from export.common import copy_shared, empty_parts, load_torch_parts, save_quantized, torch_generator, write_meta
 
 
 def _config(mode: str):
@@ -34,24 +34,20 @@ class TorchAOInt8:
 
         te, unet, vae = load_torch_parts(model_dir)
         copy_shared(model_dir, out_dir)
-        for name, module in (("text_encoder", te), ("unet", unet)):
+        for module in (te, unet):
             quantize_(module, _config(self.mode))
-            (out_dir / name).mkdir()
-            module.config.to_json_file(out_dir / name / "config.json") if name == "text_encoder" else \
-                module.save_config(out_dir / name)
-            torch.save(module.state_dict(), out_dir / name / "torchao_int8.pt")
+        save_quantized(out_dir, {"text_encoder": te, "unet": unet}, "torchao_int8.pt")
         vae.save_pretrained(out_dir / "vae", safe_serialization=True)
         write_meta(model_dir, out_dir, torchao_mode=self.mode)
         return {"format": "torchao state dict", "mode": self.mode, "quantized": ["unet", "text_encoder"]}
 
     def load(self, var_dir: Path, device: str):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL
         from torchao.quantization import quantize_
-        from transformers import CLIPTextConfig, CLIPTextModel
 
-        te = CLIPTextModel(CLIPTextConfig.from_pretrained(var_dir / "text_encoder"))
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(var_dir / "unet"))
-        for name, module in (("text_encoder", te), ("unet", unet)):
+        parts = empty_parts(var_dir)
+        te, unet = parts["text_encoder"], parts["unet"]
+        for name, module in parts.items():
             quantize_(module, _config(self.mode))
             state = torch.load(var_dir / name / "torchao_int8.pt", weights_only=False, map_location=device)
             module.load_state_dict(state, assign=True)
