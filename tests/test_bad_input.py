@@ -74,7 +74,7 @@ def test_unknown_config_key(micro_model, micro_data, tmp_path):
 
 
 def test_unsupported_resolution(micro_model, micro_data, tmp_path):
-    res = _train(micro_model, micro_data, tmp_path / "out", "model.resolution=36")
+    res = _train(micro_model, micro_data, tmp_path / "out", "model.resolution=36")  # divisible by the micro model's 4, not by 8
     _assert_clean_error(res, "resolution 36")
 
 

@@ -1,6 +1,7 @@
 """``t2i generate``: images from any model dir through diffusers' own StableDiffusionPipeline."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def generate(model: str, prompt: str, out: str, steps: int = 20, guidance: float
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     native = pipe.unet.config.sample_size * vae_scale
     size = size or native
-    factor = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    factor = math.lcm(8, vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
     if size % factor:
         raise UserError(f"--size {size} must be a multiple of {factor} for this model (native {native})")
     gens = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]

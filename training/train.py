@@ -188,7 +188,8 @@ def prepare_data(cfg: TrainConfig, resolution: int):
 
 
 def _check_resolution(comps, res: int) -> None:
-    factor = comps.vae_scale * 2 ** (len(comps.unet.config.block_out_channels) - 1)
+    # UNet downsampling in latent space, and diffusers' pipeline wants pixel sizes divisible by 8
+    factor = math.lcm(8, comps.vae_scale * 2 ** (len(comps.unet.config.block_out_channels) - 1))
     if res % factor or res < factor:
         raise UserError(f"resolution {res} is not supported by this model: it must be a positive "
                         f"multiple of {factor} (VAE x UNet downsampling)")
