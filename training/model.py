@@ -87,10 +87,9 @@ class LatentDiffusion:
 
     def vae_loss(self, pixels: torch.Tensor, kl_weight: float) -> torch.Tensor:
         """Reconstruction (L1 + MSE) + KL, the VAE stage of the from-scratch preset."""
-        dist = self.vae.encode(pixels).latent_dist if not hasattr(self.vae, "module") else \
-            self.vae.module.encode(pixels).latent_dist
-        z = dist.sample()
-        recon = unwrap(self.vae).decode(z).sample
+        vae = unwrap(self.vae)
+        dist = vae.encode(pixels).latent_dist
+        recon = vae.decode(dist.sample()).sample
         rec = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
         return rec + kl_weight * dist.kl().mean()
 
