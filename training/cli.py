@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 import warnings
 
 # Library chatter (optional-kernel probes, deprecations) hides the lines a user needs.
@@ -108,6 +109,33 @@ def cmd_export(args) -> None:
     print(f"wrote {args.out}/export.json, bench.md, bench.png")
 
 
+def cmd_serve(args) -> None:
+    import subprocess
+
+    from export.loader import read_manifest
+    from serving.config import ServingConfig, to_env
+
+    read_manifest(args.export_dir)  # a wrong path is a clear error here, not a crash in a worker
+    cfg = ServingConfig(export_dir=args.export_dir, variant=args.variant, device=args.device,
+                        max_batch_size=args.max_batch_size, max_latency_ms=args.max_latency_ms,
+                        max_concurrency=args.max_concurrency, timeout_s=args.timeout)
+    env = {**os.environ, **to_env(cfg)}
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:ImageAPI", "--host", args.host,
+           "--port", str(args.port), "--working-dir", str(Path(__file__).resolve().parents[1])]
+    print(f"serving {args.export_dir} on http://{args.host}:{args.port} (POST /generate, "
+          f"POST /v1/images/generations, GET /info); Ctrl-C stops", flush=True)
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
+def cmd_bento(args) -> None:
+    from serving.bento import build
+
+    out = build(args.export_dir, args.variant, args.version)
+    print(f"built Bento {out['tag']} (variant {out['variant']}) at {out['path']}")
+    print(f"serve it:        bentoml serve {out['tag']}")
+    print(f"containerize it: bentoml containerize {out['tag']}   (needs Docker)")
+
+
 def _csv(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
@@ -199,6 +227,33 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--select", help="override the selection with this variant")
     x.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where available")
     x.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("serve", formatter_class=_Formatter, help="serve an export dir over HTTP (BentoML)",
+                       description="Start `bentoml serve` on an export dir's selected variant: POST /generate "
+                       "(PNG), POST /v1/images/generations (OpenAI Images API), GET /info; BentoML's /healthz, "
+                       "/readyz (ready once the model is loaded and warmed up), /livez and /metrics. Requests are "
+                       "batched adaptively; each batch is split into groups of equal steps and size.")
+    v.add_argument("export_dir", help="export dir written by `t2i export`")
+    v.add_argument("--port", type=int, default=3000, help="HTTP port")
+    v.add_argument("--host", default="0.0.0.0", help="address to bind")
+    v.add_argument("--variant", help="serve this variant instead of the selected one")
+    v.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where available")
+    v.add_argument("--max-batch-size", type=int, default=8, help="adaptive batching: most requests per batch "
+                   "(1 = batching off)")
+    v.add_argument("--max-latency-ms", type=int, default=60000, help="adaptive batching: latency budget; a request "
+                   "that cannot meet it gets 503 at once")
+    v.add_argument("--max-concurrency", type=int, default=64, help="requests held at once; more get 429")
+    v.add_argument("--timeout", type=int, default=300, help="request timeout in seconds")
+    v.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bento", formatter_class=_Formatter, help="build a Bento of an export dir",
+                       description="Build a Bento (bentofile.yaml) carrying the service code and the export dir's "
+                       "selected variant, into the local Bento store ($BENTOML_HOME, default ~/bentoml). "
+                       "`bentoml containerize TAG` then builds the OCI image (needs Docker).")
+    b.add_argument("export_dir", help="export dir written by `t2i export`")
+    b.add_argument("--variant", help="bundle this variant instead of the selected one")
+    b.add_argument("--version", help="Bento version (default: generated)")
+    b.set_defaults(func=cmd_bento)
 
     c = sub.add_parser("train-classifier", formatter_class=_Formatter, help="train the domain classifier",
                        description="Train the domain classifier (adherence heads + domain-FID features) on "

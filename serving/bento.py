@@ -1,0 +1,54 @@
+"""``t2i bento EXPORT_DIR``: builds the Bento that serves an export dir's selected variant.
+
+The Bento must carry the model, and only the variant it serves (an export dir holds every
+variant), so the build runs in a fresh build context: the code packages, ``bentofile.yaml`` and
+``artifact/`` = the manifest plus the one variant folder. ``bentoml containerize TAG`` then makes
+the OCI image (it needs Docker).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from training.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("training", "evaluation", "export", "serving")
+
+
+def stage(export_dir: str | Path, ctx: Path, variant: str | None = None) -> str:
+    """Writes the build context under ``ctx``; returns the variant it carries."""
+    from export.loader import read_manifest
+
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    name = variant or manifest.get("selected")
+    entry = manifest["variants"].get(name or "")
+    if not name or entry is None or entry.get("status") != "ok":
+        ok = [n for n, v in manifest["variants"].items() if v.get("status") == "ok"]
+        raise UserError(f"cannot bundle variant {name!r} of {export_dir}; built variants: {ok}")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, ctx / pkg, ignore=ignore)
+    shutil.copy(ROOT / "bentofile.yaml", ctx / "bentofile.yaml")
+    art = ctx / "artifact"
+    shutil.copytree(export_dir / entry["dir"], art / entry["dir"], ignore=ignore)
+    for extra in ("bench.md", "bench.png"):
+        if (export_dir / extra).exists():
+            shutil.copy(export_dir / extra, art / extra)
+    manifest = {**manifest, "selected": name, "variants": {name: entry}, "bundled_from": str(export_dir.resolve())}
+    (art / "export.json").write_text(json.dumps(manifest, indent=2))
+    return name
+
+
+def build(export_dir: str | Path, variant: str | None = None, version: str | None = None) -> dict:
+    """Builds the Bento into the local store ($BENTOML_HOME); returns its tag, path and variant."""
+    import bentoml
+
+    with tempfile.TemporaryDirectory(prefix="t2i-bento-") as tmp:
+        ctx = Path(tmp)
+        name = stage(export_dir, ctx, variant)
+        bento = bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"), build_ctx=str(ctx), version=version)
+    return {"tag": str(bento.tag), "path": str(bento.path), "variant": name}

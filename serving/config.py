@@ -1,0 +1,59 @@
+"""Serving settings. They come from environment variables (``T2I_*``) because BentoML imports the
+service module in every worker process: the decorators' batch sizes and limits are read at import,
+so ``t2i serve`` and the Bento's ``envs`` set them, not function arguments."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from training.config import Strict
+
+ENV_PREFIX = "T2I_"
+BUNDLED_ARTIFACT = "artifact"  # where a Bento carries its export dir (relative to the Bento's src)
+
+
+class ServingConfig(Strict):
+    export_dir: str = BUNDLED_ARTIFACT
+    """Export dir to serve (T2I_EXPORT_DIR); a Bento carries its own copy under ./artifact."""
+    variant: str | None = None
+    """Variant to serve (T2I_VARIANT); default: the manifest's selected one."""
+    device: str | None = None
+    """cpu or cuda (T2I_DEVICE); default: cuda where available."""
+    max_batch_size: int = Field(8, ge=1, le=256)
+    """Most requests the adaptive batcher puts in one batch (T2I_MAX_BATCH_SIZE); 1 turns batching off."""
+    max_latency_ms: int = Field(60_000, ge=10)
+    """Latency budget of the batcher (T2I_MAX_LATENCY_MS): a request that cannot be served within
+    it is answered 503 at once instead of waiting."""
+    timeout_s: int = Field(300, ge=1)
+    """Request timeout of both services (T2I_TIMEOUT_S)."""
+    max_concurrency: int = Field(64, ge=1)
+    """Requests the API service holds at once (T2I_MAX_CONCURRENCY); more get 429."""
+    max_prompt_chars: int = Field(1000, ge=1)
+    """Longest prompt accepted, in characters (T2I_MAX_PROMPT_CHARS); longer is a 400. Prompts
+    over the tokenizer's 77 tokens but under this are truncated and the response says so."""
+    max_images: int = Field(4, ge=1, le=16)
+    """Most images per request (n / num_images) (T2I_MAX_IMAGES)."""
+    warmup: bool = True
+    """Run one generation per batch size before reporting ready (T2I_WARMUP)."""
+
+
+def from_env(environ: dict | None = None) -> ServingConfig:
+    env = os.environ if environ is None else environ
+    values = {}
+    for name in ServingConfig.model_fields:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw.lower() in ("1", "true", "yes") if name == "warmup" else raw
+    return ServingConfig.model_validate(values, strict=False)
+
+
+def to_env(cfg: ServingConfig) -> dict[str, str]:
+    """The environment that makes ``from_env`` return ``cfg`` in the server's processes."""
+    out = {}
+    for name, value in cfg.model_dump().items():
+        if value is not None:
+            out[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    out[ENV_PREFIX + "EXPORT_DIR"] = str(Path(cfg.export_dir).resolve())
+    return out
