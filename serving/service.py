@@ -61,7 +61,9 @@ class ImageModel:
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
-    @bentoml.api(batchable=BATCHING, max_batch_size=CFG.max_batch_size, max_latency_ms=CFG.max_latency_ms)
+    # max_batch_size 1 = batching off: a plain method, one request per call, in arrival order.
+    @bentoml.api(**({"batchable": True, "max_batch_size": CFG.max_batch_size, "max_latency_ms": CFG.max_latency_ms}
+                    if BATCHING else {}))
     def generate_batch(self, requests: list[dict]) -> list[dict]:
         """Each request: GenerationRequest fields. Each result: base64 PNGs and whether the prompt
         was truncated to the tokenizer's length."""
@@ -70,8 +72,11 @@ class ImageModel:
         reqs = [GenerationRequest(**r) for r in requests]
         with self._lock:
             self.batch_sizes[len(reqs)] += 1
+            t0 = time.perf_counter()
             images = self.gen.generate(reqs)
-        return [{"images": [base64.b64encode(_png(im)).decode() for im in ims], **self._truncation(r.prompt)}
+            compute_ms = round(1000 * (time.perf_counter() - t0), 1)
+        return [{"images": [base64.b64encode(_png(im)).decode() for im in ims], **self._truncation(r.prompt),
+                 "batch_size": len(reqs), "compute_ms": compute_ms}
                 for r, ims in zip(reqs, images)]
 
     def _truncation(self, prompt: str) -> dict:
@@ -90,7 +95,7 @@ class ImageModel:
                 "max_prompt_tokens": g.tokenizer.model_max_length,
                 "scheduler": g.scheduler_config.get("_class_name"),
                 "bench": g.info.get("bench", {}), "quality": g.info.get("quality", {}),
-                "load_s": round(self.load_s, 2), "warmup_s": round(self.warmup_s, 2),
+                "torch_threads": __import__("torch").get_num_threads(), "load_s": round(self.load_s, 2), "warmup_s": round(self.warmup_s, 2),
                 "batches_run": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
 
 
@@ -154,7 +159,8 @@ class ImageAPI:
         out = await self._run(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, w, h, num_images)
         pngs = [base64.b64decode(s) for s in out["images"]]
         body = pngs[0] if len(pngs) == 1 else _side_by_side(pngs)
-        headers = {"X-Prompt-Truncated": str(out["truncated"]).lower(), "X-Num-Images": str(len(pngs))}
+        headers = {"X-Prompt-Truncated": str(out["truncated"]).lower(), "X-Num-Images": str(len(pngs)),
+                   "X-Batch-Size": str(out["batch_size"]), "X-Compute-Ms": str(out["compute_ms"])}
         return Response(body, media_type="image/png", headers=headers)  # bytes as they are, no re-encode
 
     @bentoml.api(route="/v1/images/generations")

@@ -109,6 +109,15 @@ def cmd_export(args) -> None:
     print(f"wrote {args.out}/export.json, bench.md, bench.png")
 
 
+def cmd_pipeline(args) -> None:
+    from pipeline.run import Pipeline, PipelineConfig, summary
+    from training.config import load_config
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    Pipeline(cfg, args.out, args.force).run()
+    print("\n" + summary(args.out))
+
+
 def cmd_serve(args) -> None:
     import subprocess
 
@@ -228,6 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where available")
     x.set_defaults(func=cmd_export)
 
+    from pipeline.run import STAGES, PipelineConfig
+
+    pl = sub.add_parser("pipeline", formatter_class=_Formatter, help="train -> eval -> export -> Bento, one command",
+                        description="Fine-tune (or train), evaluate against the starting model, export and benchmark "
+                        "the variants, select the fastest inside the quality budget and build a Bento, each stage "
+                        "writing under RUN_DIR. Completed stages are skipped on a re-run (training resumes from its "
+                        "last checkpoint); --force STAGE redoes a stage and the ones after it. Ends with a summary "
+                        "and RUN_DIR/report.html. Stages: " + ", ".join(STAGES) + ".",
+                        epilog=_config_help(PipelineConfig))
+    pl.add_argument("config", help="YAML: a training config, plus optional export: and bento: sections")
+    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    pl.add_argument("--out", required=True, help="run folder for every stage's artifacts")
+    pl.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo STAGE (and later stages)")
+    pl.set_defaults(func=cmd_pipeline)
+
     v = sub.add_parser("serve", formatter_class=_Formatter, help="serve an export dir over HTTP (BentoML)",
                        description="Start `bentoml serve` on an export dir's selected variant: POST /generate "
                        "(PNG), POST /v1/images/generations (OpenAI Images API), GET /info; BentoML's /healthz, "
@@ -266,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `t2i pipeline CONFIG --out DIR key=value ...`: overrides may also follow the options
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except UserError as e:

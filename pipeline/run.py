@@ -1,0 +1,210 @@
+"""``t2i pipeline CONFIG.yaml --out RUN_DIR``: train -> evaluate -> export -> Bento -> report.
+
+Each stage reads the previous stage's artifact from disk and writes its own under RUN_DIR:
+
+    RUN_DIR/train/    model/ (diffusers), checkpoints/, logs/, train_report.json   (t2i train)
+    RUN_DIR/eval/     compare.json + before_after.png (or eval.json)               (t2i eval --compare)
+    RUN_DIR/export/   variants, export.json, bench.md, bench.png                    (t2i export)
+    RUN_DIR/bento.json  the Bento's tag                                             (t2i bento)
+    RUN_DIR/report.html, report.md, report/  (always rewritten)
+
+A stage whose artifact is complete is skipped, so a re-run after a crash or Ctrl-C goes on where it
+stopped (training resumes from its last checkpoint); ``--force STAGE`` redoes that stage and the
+stages after it, whose inputs it changes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from training.config import Strict
+from training.errors import UserError
+from training.train import TrainConfig
+
+STAGES = ("train", "eval", "export", "bento", "report")
+
+
+class PipelineExport(Strict):
+    variants: list[str] | None = None
+    """Variants to build (default: export's default list, minus the ones this hardware cannot run)."""
+    max_fid_drift: float = Field(5.0, ge=0)
+    """Quality budget: FID drift from eager-fp32, in %."""
+    max_adherence_drop: float = Field(2.0, ge=0)
+    """Quality budget: adherence drop in points."""
+    num_images: int = Field(100, ge=4)
+    """Quality images per variant."""
+    batch_sizes: list[int] = [1, 4]
+    """Batch sizes timed."""
+    repeats: int = Field(5, ge=1)
+    """Timed runs per batch size."""
+    steps: int = Field(20, ge=1, le=200)
+    """Sampling steps (the same for every variant)."""
+    select: str | None = None
+    """Force this variant as the selected one."""
+
+
+class PipelineConfig(TrainConfig):
+    """A training config (t2i train) plus what the later stages need."""
+
+    export: PipelineExport = PipelineExport()
+    """Export and benchmark settings (t2i export)."""
+    bento: bool = True
+    """Build a Bento of the selected variant (t2i bento)."""
+
+
+def stage_paths(out: Path) -> dict[str, Path]:
+    """The artifact whose presence means the stage is complete."""
+    return {"train": out / "train" / "train_report.json", "eval": out / "eval" / "done.json",
+            "export": out / "export" / "export.json", "bento": out / "bento.json", "report": out / "report.html"}
+
+
+def _clear(stage: str, out: Path) -> None:
+    """Removes a stage's artifact (for --force); training keeps nothing, not even checkpoints."""
+    target = {"train": out / "train", "eval": out / "eval", "export": out / "export", "bento": out / "bento.json",
+              "report": out / "report.html"}[stage]
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, out: str | Path, force: list[str] | None = None):
+        self.cfg, self.out = cfg, Path(out)
+        for s in force or []:
+            if s not in STAGES:
+                raise UserError(f"--force {s}: unknown stage; stages are {', '.join(STAGES)}")
+        first_forced = min((STAGES.index(s) for s in force or []), default=len(STAGES))
+        self.forced = set(STAGES[first_forced:])
+        self.paths = stage_paths(self.out)
+        self.state_path = self.out / "pipeline.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
+        self.train_cfg = TrainConfig.model_validate(
+            {**cfg.model_dump(exclude={"export", "bento"}), "output_dir": str(self.out / "train"), "eval": None})
+
+    # -- stages ---------------------------------------------------------------------------------
+    def train(self) -> str:
+        from training.train import main as train_main
+
+        cfg = self.train_cfg
+        if any((self.out / "train" / "checkpoints").glob("checkpoint-*")) and not cfg.checkpoint.resume_from:
+            cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume_from": "latest"})})
+        report = train_main(cfg)
+        return f"{report['steps']} steps, final loss {report['final_loss']:.4f}, {report['images_per_s']} img/s"
+
+    def eval(self) -> str:
+        from training.train import evaluate_after_training
+
+        if self.cfg.eval is None:
+            _write_json(self.paths["eval"], {"skipped": "no eval: section in the config"})
+            return "skipped (no eval: section in the config)"
+        ecfg = self.train_cfg.model_copy(update={"eval": self.cfg.eval})
+        shutil.rmtree(self.out / "eval", ignore_errors=True)  # a half-written eval from a killed run
+        (self.out / "train" / "eval").mkdir(parents=True, exist_ok=True)
+        result = evaluate_after_training(ecfg)  # writes RUN_DIR/train/eval/
+        shutil.copytree(self.out / "train" / "eval", self.out / "eval", dirs_exist_ok=True)
+        shutil.rmtree(self.out / "train" / "eval")
+        _write_json(self.paths["eval"], result)
+        if "summary" in result:
+            s = result["summary"]
+            return "; ".join(f"{k}: adherence {v['adherence_before']} -> {v['adherence_after']}%, FID "
+                             f"{v['fid_before']} -> {v['fid_after']}" for k, v in s.items())
+        return "evaluated"
+
+    def export(self) -> str:
+        from export.export import ExportConfig, main as export_main
+
+        e = self.cfg.export
+        base = {"model": str(self.out / "train" / "model"), "out": str(self.out / "export"),
+                **e.model_dump(exclude_none=True)}
+        shutil.rmtree(self.out / "export", ignore_errors=True)  # variants of a killed run are not trusted
+        manifest = export_main(ExportConfig.model_validate(base))
+        return f"selected {manifest['selected']} ({manifest['selection_reason']})"
+
+    def bento(self) -> str:
+        if not self.cfg.bento:
+            _write_json(self.paths["bento"], {"skipped": "bento: false in the config"})
+            return "skipped (bento: false)"
+        from serving.bento import build
+
+        result = build(self.out / "export")
+        _write_json(self.paths["bento"], result)
+        return f"Bento {result['tag']}"
+
+    def report(self) -> str:
+        from pipeline.report import write_report
+
+        write_report(self.out, self.cfg, self.state)
+        return f"{self.out / 'report.html'}"
+
+    # -- driver ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        from training.config import dump_config
+
+        dump_config(self.cfg, self.out / "config.yaml")
+        t_start = time.time()
+        for i, stage in enumerate(STAGES, 1):
+            done = self.paths[stage].exists() and stage not in self.forced and stage != "report"
+            header = f"[{i}/{len(STAGES)}] {stage}"
+            if done:
+                print(f"{header}: already complete ({self.paths[stage]}), skipped", flush=True)
+                self.state["stages"].setdefault(stage, {})["skipped_last_run"] = True
+                continue
+            if stage in self.forced and stage != "report":
+                _clear(stage, self.out)
+            print(f"\n{'=' * 20} {header} {'=' * 20}  (pipeline elapsed {_hms(time.time() - t_start)})", flush=True)
+            t0 = time.time()
+            what = getattr(self, stage)()
+            self.state["stages"][stage] = {"seconds": round(time.time() - t0, 1), "result": what,
+                                           "skipped_last_run": False, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            _write_json(self.state_path, self.state)
+            print(f"{header}: done in {_hms(time.time() - t0)}: {what}", flush=True)
+        self.state["last_run_s"] = round(time.time() - t_start, 1)
+        _write_json(self.state_path, self.state)
+        return self.state
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def summary(out: Path) -> str:
+    """What a person wants at the end: what was trained, how it scores, the bench table, how to serve."""
+    from export.report import bench_table
+    from evaluation.evaluate import format_table
+
+    out = Path(out)
+    lines = []
+    tr = json.loads((out / "train" / "train_report.json").read_text())
+    lines.append(f"trained: {tr['what']}, {tr['steps']} steps on {tr['num_images']} images in "
+                 f"{tr['wall_time_s']:.0f} s -> {out / 'train' / 'model'}")
+    cmp_path = out / "eval" / "compare.json"
+    if cmp_path.exists():
+        lines += ["", "against the starting model:", format_table(json.loads(cmp_path.read_text()))]
+    manifest = json.loads((out / "export" / "export.json").read_text())
+    lines += ["", bench_table(manifest), f"selected: {manifest['selected']} ({manifest['selection_reason']})"]
+    bento = json.loads((out / "bento.json").read_text()) if (out / "bento.json").exists() else {}
+    if bento.get("tag"):
+        lines.append(f"Bento: {bento['tag']}")
+    state = json.loads((out / "pipeline.json").read_text())
+    lines += ["", f"report: {out / 'report.html'}   (stage times: " + ", ".join(
+        f"{k} {_hms(v['seconds'])}" for k, v in state["stages"].items() if "seconds" in v) + ")",
+        "", "serve it:", f"  .venv/bin/t2i serve {out / 'export'} --port 3000"]
+    if bento.get("tag"):
+        lines.append(f"  or the Bento: bentoml serve {bento['tag']}   (container: bentoml containerize {bento['tag']})")
+    lines.append('  then: curl -X POST localhost:3000/generate -H "Content-Type: application/json" '
+                 "-d '{\"prompt\": \"a purple star on the left\"}' -o star.png")
+    return "\n".join(lines)
