@@ -46,6 +46,8 @@ class PipelineExport(Strict):
     """Sampling steps (the same for every variant)."""
     select: str | None = None
     """Force this variant as the selected one."""
+    features: str = "auto"
+    """FID features: auto, inception (standard FID; needs the weights file) or domain (synthetic world)."""
 
 
 class PipelineConfig(TrainConfig):

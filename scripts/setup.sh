@@ -2,8 +2,20 @@
 # Creates .venv and installs t2i-sprint with its dev tools. Safe to re-run (fast when done).
 # On a machine without an NVIDIA GPU it pins the CPU build of torch first, because the
 # package's own loose `torch` requirement would otherwise pull a multi-GB CUDA build.
+#   bash scripts/setup.sh        the package (what `t2i` needs)
+#   bash scripts/setup.sh test   also Debian's chromium, which the report test renders pages with
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing chromium (for the report rendering test)..." >&2
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null 2>&1 \
+            || echo "could not install chromium; the report rendering test will be skipped" >&2
+    else
+        echo "chromium not found and cannot be installed here; the report rendering test will be skipped" >&2
+    fi
+fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.t2i-installed

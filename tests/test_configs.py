@@ -6,6 +6,7 @@ import yaml
 
 from training.config import load_config
 from training.errors import UserError
+from pipeline.run import PipelineConfig
 from training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,9 +16,20 @@ TRAIN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_parses(path):
     raw = yaml.safe_load(path.read_text())
-    if "train" in raw or "model" in raw:
-        cfg = load_config(TrainConfig, path)
+    if "train" in raw or "model" in raw:  # training configs; `export:` / `bento:` make them pipeline configs
+        cfg = load_config(PipelineConfig if {"export", "bento"} & set(raw) else TrainConfig, path)
         assert cfg.train.max_steps >= 1
+
+
+def test_sd15_shape_preset_has_sd15_unet_size():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from training.presets import PRESETS, unet_kwargs
+
+    with torch.device("meta"):  # shapes only: no 3.4 GB of random weights on a test machine
+        unet = UNet2DConditionModel(**unet_kwargs(PRESETS["sd15-shape"]))
+    assert abs(sum(p.numel() for p in unet.parameters()) / 1e6 - 859.5) < 1  # SD 1.5's UNet
 
 
 def test_bentofile_parses():

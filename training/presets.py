@@ -36,6 +36,8 @@ class Preset:
     unet_layers: int
     unet_heads: int  # diffusers calls this attention_head_dim, but it is the number of heads
     vae_channels: tuple[int, ...]
+    vae_layers: int = 1
+    vae_groups: int = 16
     scheduler: dict = field(default_factory=lambda: dict(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
 
@@ -48,6 +50,15 @@ PRESETS: dict[str, Preset] = {
         unet_blocks=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         unet_up_blocks=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         unet_layers=1, unet_heads=4, vae_channels=(16, 32, 64)),
+    # Stable Diffusion 1.5's shapes (860 M-parameter UNet, 123 M text encoder, 8x VAE at 512x512) with
+    # random weights: for GPU timing (benchmarks/gpu.py) where the real checkpoint is not at hand.
+    # The tokenizer is the small project one, so the text encoder's vocabulary is smaller than CLIP's.
+    "sd15-shape": Preset(
+        resolution=512, vocab_size=1024, text_width=768, text_layers=12, text_heads=12,
+        unet_channels=(320, 640, 1280, 1280),
+        unet_blocks=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        unet_up_blocks=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        unet_layers=2, unet_heads=8, vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32),
     # For tests: builds and trains in seconds.
     "micro": Preset(
         resolution=32, vocab_size=600, text_width=32, text_layers=1, text_heads=2,
@@ -98,6 +109,16 @@ def train_clip_tokenizer(corpus: list[str], vocab_size: int, out_dir: str | Path
     return CLIPTokenizer.from_pretrained(out_dir)
 
 
+def unet_kwargs(p: Preset) -> dict:
+    """The UNet2DConditionModel config of a preset."""
+    vae_scale = 2 ** (len(p.vae_channels) - 1)
+    return dict(sample_size=p.resolution // vae_scale, in_channels=4, out_channels=4,
+                down_block_types=p.unet_blocks, up_block_types=p.unet_up_blocks,
+                block_out_channels=p.unet_channels, layers_per_block=p.unet_layers,
+                cross_attention_dim=p.text_width, attention_head_dim=p.unet_heads,
+                norm_num_groups=min(32, p.unet_channels[0]))
+
+
 def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Writes a randomly initialised pipeline of preset ``name`` as a diffusers model dir."""
     from diffusers import StableDiffusionPipeline
@@ -120,15 +141,10 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
             in_channels=3, out_channels=3, latent_channels=4,
             down_block_types=("DownEncoderBlock2D",) * len(p.vae_channels),
             up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
-            block_out_channels=p.vae_channels, layers_per_block=1,
-            norm_num_groups=min(16, p.vae_channels[0]), sample_size=p.resolution)
+            block_out_channels=p.vae_channels, layers_per_block=p.vae_layers,
+            norm_num_groups=min(p.vae_groups, p.vae_channels[0]), sample_size=p.resolution)
         vae_scale = 2 ** (len(p.vae_channels) - 1)
-        unet = UNet2DConditionModel(
-            sample_size=p.resolution // vae_scale, in_channels=4, out_channels=4,
-            down_block_types=p.unet_blocks, up_block_types=p.unet_up_blocks,
-            block_out_channels=p.unet_channels, layers_per_block=p.unet_layers,
-            cross_attention_dim=p.text_width, attention_head_dim=p.unet_heads,
-            norm_num_groups=min(32, p.unet_channels[0]))
+        unet = UNet2DConditionModel(**unet_kwargs(p))
         scheduler = DPMSolverMultistepScheduler(**p.scheduler, steps_offset=1)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,

@@ -447,7 +447,8 @@ def run_loop(run: Run) -> dict:
     return {"steps": run.global_step, "steps_this_run": run.global_step - start_step, "wall_time_s": round(wall, 2),
             "images_per_s": round(images_seen / wall, 2) if wall > 0 else None, "final_loss": last_loss,
             "num_processes": acc.num_processes, "num_images": len(run.data.captions),
-            "skipped_images": run.data.skipped}
+            "skipped_images": run.data.skipped,
+            "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
 
 
 def save_checkpoint(run: Run) -> Path:
