@@ -20,8 +20,6 @@ import shutil
 import time
 from pathlib import Path
 
-from pydantic import Field
-
 from training.config import Strict
 from training.errors import UserError
 from training.train import TrainConfig
@@ -29,25 +27,18 @@ from training.train import TrainConfig
 STAGES = ("train", "eval", "export", "bento", "report")
 
 
-class PipelineExport(Strict):
-    variants: list[str] | None = None
-    """Variants to build (default: export's default list, minus the ones this hardware cannot run)."""
-    max_fid_drift: float = Field(5.0, ge=0)
-    """Quality budget: FID drift from eager-fp32, in %."""
-    max_adherence_drop: float = Field(2.0, ge=0)
-    """Quality budget: adherence drop in points."""
-    num_images: int = Field(100, ge=4)
-    """Quality images per variant."""
-    batch_sizes: list[int] = [1, 4]
-    """Batch sizes timed."""
-    repeats: int = Field(5, ge=1)
-    """Timed runs per batch size."""
-    steps: int = Field(20, ge=1, le=200)
-    """Sampling steps (the same for every variant)."""
-    select: str | None = None
-    """Force this variant as the selected one."""
-    features: str = "auto"
-    """FID features: auto, inception (standard FID; needs the weights file) or domain (synthetic world)."""
+def _export_section() -> type[Strict]:
+    """``export:`` of a pipeline config: ExportConfig's fields (same names, defaults and docs) but
+    the paths, which the pipeline sets (RUN_DIR/train/model -> RUN_DIR/export)."""
+    from pydantic import create_model
+
+    from export.export import ExportConfig
+
+    fields = {k: (f.annotation, f) for k, f in ExportConfig.model_fields.items() if k not in ("model", "out")}
+    return create_model("PipelineExport", __base__=Strict, **fields)
+
+
+PipelineExport = _export_section()
 
 
 class PipelineConfig(TrainConfig):
