@@ -20,7 +20,7 @@ from tests.conftest import ROOT, micro_overrides, run_cli
 
 
 def _config(tmp: Path, model: Path, data: Path, steps: int, bento: bool = True) -> Path:
-    cfg = {"export": {"variants": ["eager-fp32", "onnx-fp32"], "num_images": 8, "batch_sizes": [1], "repeats": 1,
+    cfg = {"export": {"variants": ["eager-fp32", "eager-bf16"], "num_images": 8, "batch_sizes": [1], "repeats": 1,
                       "steps": 2, "max_fid_drift": 1000.0, "max_adherence_drop": 100.0},
            "eval": {"num_images": 8, "new_concepts": ["star"], "steps": 2, "batch_size": 8}, "bento": bento}
     path = tmp / f"pipeline-{steps}.yaml"
@@ -50,7 +50,7 @@ def test_all_stage_artifacts_and_summary(first_run):
     cmp = json.loads((run / "eval" / "compare.json").read_text())
     assert set(cmp["summary"]) == {"known", "new"}
     manifest = json.loads((run / "export" / "export.json").read_text())
-    assert manifest["selected"] in ("eager-fp32", "onnx-fp32")
+    assert manifest["selected"] in ("eager-fp32", "eager-bf16")
     tag = json.loads((run / "bento.json").read_text())["tag"]
     name, version = tag.split(":")
     assert (tmp / "bentoml" / "bentos" / name / version / "src" / "artifact" / "export.json").is_file()
