@@ -86,10 +86,23 @@ class LatentDiffusion:
         return (per * weight).mean()
 
     def vae_loss(self, pixels: torch.Tensor, kl_weight: float) -> torch.Tensor:
-        """Reconstruction (L1 + MSE) + KL, the VAE stage of the from-scratch preset."""
-        vae = unwrap(self.vae)
-        dist = vae.encode(pixels).latent_dist
-        recon = vae.decode(dist.sample()).sample
+        """Reconstruction (L1 + MSE) + KL, the VAE stage of the from-scratch preset.
+
+        The VAE runs through its own ``forward`` (DDP-wrapped when several processes train), so the
+        gradients are all-reduced; ``forward`` returns only the reconstruction, so the posterior is
+        read off the layer that emits its moments with a forward hook.
+        """
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        inner = unwrap(self.vae)
+        layer = inner.quant_conv if getattr(inner, "quant_conv", None) is not None else inner.encoder
+        seen = {}
+        hook = layer.register_forward_hook(lambda _m, _i, out: seen.__setitem__("moments", out))
+        try:
+            recon = self.vae(pixels, sample_posterior=True).sample
+        finally:
+            hook.remove()
+        dist = DiagonalGaussianDistribution(seen["moments"])
         rec = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
         return rec + kl_weight * dist.kl().mean()
 
