@@ -32,7 +32,12 @@ class LatentDiffusion:
     """
 
     def __init__(self, comps: Components, prediction_type: str | None = None, snr_gamma: float | None = None,
-                 noise_offset: float = 0.0):
+                 noise_offset: float = 0.0, zero_terminal_snr: bool = False):
+        if zero_terminal_snr:  # training and sampling schedules both change; the saved scheduler carries it
+            from diffusers import DDPMScheduler
+
+            comps.noise_scheduler = DDPMScheduler.from_config(comps.noise_scheduler.config, rescale_betas_zero_snr=True)
+            comps.sample_scheduler_config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
         self.c = comps
         self.unet = comps.unet
         self.text_encoder = comps.text_encoder

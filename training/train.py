@@ -106,6 +106,10 @@ class TrainArgs(Strict):
     """Noise offset (helps flat, very dark or bright images)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Override the model's prediction type (null keeps the scheduler's)."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule to zero terminal SNR and sample with trailing timesteps (Lin et al.
+    2023); needs v_prediction. With the usual schedule the last step still shows 7% of the image,
+    so a model learns to take the layout from the seed's noise instead of from the prompt."""
     caption_dropout: float = Field(0.1, ge=0, le=1)
     """Share of captions replaced by "" (classifier-free guidance needs it)."""
     cache: bool = True
@@ -248,7 +252,10 @@ class Run:
             log_with="tensorboard", project_config=ProjectConfiguration(
                 project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         torch.manual_seed(t.seed + self.acc.process_index)
-        self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset)
+        if t.zero_terminal_snr and (t.prediction_type or comps.noise_scheduler.config.prediction_type) != "v_prediction":
+            raise UserError("train.zero_terminal_snr needs train.prediction_type=v_prediction (epsilon is "
+                            "undefined at zero SNR)")
+        self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr)
         self.trainable = self._select_trainable(comps)
         self.cache_latents = t.cache and t.what != "vae"
         self.cache_text = t.cache and t.what != "vae" and not t.train_text_encoder
