@@ -96,6 +96,24 @@ def test_vae_stage_sets_latent_scale(micro_model, micro_data, tmp_path):
     assert cfg["scaling_factor"] != 0.18215 and cfg["scaling_factor"] > 0
 
 
+def test_zero_terminal_snr_is_trained_and_saved(micro_model, micro_data, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from training.errors import UserError
+
+    out = tmp_path / "zsnr"
+    main(_cfg(micro_model, micro_data, out, steps=2,
+              extra=["train.prediction_type=v_prediction", "train.zero_terminal_snr=true", "train.snr_gamma=null"]))
+    sched = json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["rescale_betas_zero_snr"] and sched["timestep_spacing"] == "trailing"
+    assert sched["prediction_type"] == "v_prediction"
+    assert float(DDPMScheduler.from_config(sched).alphas_cumprod[-1]) == 0.0  # x_T is pure noise
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model")  # diffusers samples it unaided
+    assert pipe(["a red circle"], num_inference_steps=2, output_type="np").images.shape[0] == 1
+    with pytest.raises(UserError, match="v_prediction"):
+        main(_cfg(micro_model, micro_data, tmp_path / "bad", steps=1, extra=["train.zero_terminal_snr=true"]))
+
+
 def test_non_finite_loss_stops_cleanly(micro_model, micro_data, tmp_path):
     from tests.conftest import run_cli
 

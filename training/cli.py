@@ -45,7 +45,11 @@ def cmd_train(args) -> None:
     from training.config import load_config
     from training.train import TrainConfig, main
 
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    from pipeline.run import PipelineConfig
+
+    # a pipeline config (with export: / bento:) trains too: those sections belong to later stages
+    full = load_config(PipelineConfig, args.config, args.overrides)
+    cfg = TrainConfig.model_validate(full.model_dump(exclude={"export", "bento"}))
     report = main(cfg)
     if report and int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {report['steps']} steps in {report['wall_time_s']} s "
