@@ -144,7 +144,15 @@ class ImageAPI:
         req = {"prompt": prompt, "negative_prompt": negative_prompt, "num_inference_steps": steps,
                "guidance_scale": guidance, "seed": random.randrange(2**31) if seed is None else seed,
                "width": width, "height": height, "num_images": n}
-        return (await self.model.to_async.generate_batch([req]))[0]
+        import aiohttp
+        from bentoml.exceptions import ServiceUnavailable
+
+        for attempt in range(2):  # generation is idempotent (seeded): one retry on a dropped connection
+            try:
+                return (await self.model.to_async.generate_batch([req]))[0]
+            except aiohttp.ClientConnectionError as e:  # the model service closed a kept-alive connection
+                if attempt:
+                    raise ServiceUnavailable(f"model service unreachable ({type(e).__name__}); retry later") from e
 
     @bentoml.api(route="/generate")
     async def generate(self, prompt: Prompt, negative_prompt: NegativePrompt = "", num_inference_steps: Steps = 20,
