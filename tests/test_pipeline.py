@@ -102,7 +102,7 @@ def test_killed_training_resumes_and_finishes(micro_model, micro_data, tmp_path)
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
-    while not list((run / "train" / "checkpoints").glob("checkpoint-*")):
+    while not list((run / "train" / "checkpoints").glob("checkpoint-*[0-9]/train_state.json")):  # complete (not .tmp)
         assert proc.poll() is None and time.time() < deadline, "training ended or stalled before a checkpoint"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # a crash, not a polite stop
