@@ -15,11 +15,11 @@ stages after it, whose inputs it changes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
+from evaluation.evaluate import write_json
 from training.config import Strict
 from training.errors import UserError
 from training.train import TrainConfig
@@ -66,12 +66,6 @@ def _clear(stage: str, out: Path) -> None:
         target.unlink()
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, out: str | Path, force: list[str] | None = None):
         self.cfg, self.out = cfg, Path(out)
@@ -100,7 +94,7 @@ class Pipeline:
         from training.train import evaluate_after_training
 
         if self.cfg.eval is None:
-            _write_json(self.paths["eval"], {"skipped": "no eval: section in the config"})
+            write_json(self.paths["eval"], {"skipped": "no eval: section in the config"})
             return "skipped (no eval: section in the config)"
         ecfg = self.train_cfg.model_copy(update={"eval": self.cfg.eval})
         shutil.rmtree(self.out / "eval", ignore_errors=True)  # a half-written eval from a killed run
@@ -108,7 +102,7 @@ class Pipeline:
         result = evaluate_after_training(ecfg)  # writes RUN_DIR/train/eval/
         shutil.copytree(self.out / "train" / "eval", self.out / "eval", dirs_exist_ok=True)
         shutil.rmtree(self.out / "train" / "eval")
-        _write_json(self.paths["eval"], result)
+        write_json(self.paths["eval"], result)
         if "summary" in result:
             s = result["summary"]
             return "; ".join(f"{k}: adherence {v['adherence_before']} -> {v['adherence_after']}%, FID "
@@ -127,12 +121,12 @@ class Pipeline:
 
     def bento(self) -> str:
         if not self.cfg.bento:
-            _write_json(self.paths["bento"], {"skipped": "bento: false in the config"})
+            write_json(self.paths["bento"], {"skipped": "bento: false in the config"})
             return "skipped (bento: false)"
         from serving.bento import build
 
         result = build(self.out / "export")
-        _write_json(self.paths["bento"], result)
+        write_json(self.paths["bento"], result)
         return f"Bento {result['tag']}"
 
     def report(self) -> str:
@@ -162,10 +156,10 @@ class Pipeline:
             what = getattr(self, stage)()
             self.state["stages"][stage] = {"seconds": round(time.time() - t0, 1), "result": what,
                                            "skipped_last_run": False, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            _write_json(self.state_path, self.state)
+            write_json(self.state_path, self.state)
             print(f"{header}: done in {_hms(time.time() - t0)}: {what}", flush=True)
         self.state["last_run_s"] = round(time.time() - t_start, 1)
-        _write_json(self.state_path, self.state)
+        write_json(self.state_path, self.state)
         return self.state
 
 
