@@ -65,3 +65,22 @@ def test_parse_free_form_prompt():
     p = parse_caption("A small blue square, top right, on a white background")
     assert p["background"] == "white"
     assert p["objects"] == [{"shape": "square", "colour": "blue", "size": "small", "position": "top right"}]
+
+
+def test_stale_synthetic_dataset_is_rendered_again(tmp_path):
+    from training.train import TrainConfig, prepare_data
+
+    def cfg(focus_fraction):
+        return TrainConfig.model_validate({"data": {"path": str(tmp_path / "d"), "synthetic": {
+            "n": 20, "seed": 1, "size": 32, "focus": ["star"], "focus_fraction": focus_fraction}}})
+
+    def star_share(loaded):
+        return sum(o["shape"] == "star" for r in loaded.rows for o in r["objects"]) / len(loaded.rows)
+
+    first = prepare_data(cfg(1.0), 32)
+    assert star_share(first) == 1.0
+    assert prepare_data(cfg(1.0), 32).captions == first.captions  # same settings: reused as it is
+    again = prepare_data(cfg(0.0), 32)  # changed settings: not the old images under the new recipe
+    assert star_share(again) < 1.0
+    (tmp_path / "d" / ".t2i-synthetic.json").unlink()  # not rendered by t2i: left alone
+    assert prepare_data(cfg(1.0), 32).captions == again.captions

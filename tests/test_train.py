@@ -103,7 +103,8 @@ def test_zero_terminal_snr_is_trained_and_saved(micro_model, micro_data, tmp_pat
 
     out = tmp_path / "zsnr"
     main(_cfg(micro_model, micro_data, out, steps=2,
-              extra=["train.prediction_type=v_prediction", "train.zero_terminal_snr=true", "train.snr_gamma=null"]))
+              extra=["train.prediction_type=v_prediction", "train.zero_terminal_snr=true", "train.snr_gamma=null",
+                     "train.timestep_bias=later", "train.timestep_bias_multiplier=5"]))
     sched = json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["rescale_betas_zero_snr"] and sched["timestep_spacing"] == "trailing"
     assert sched["prediction_type"] == "v_prediction"
@@ -112,6 +113,21 @@ def test_zero_terminal_snr_is_trained_and_saved(micro_model, micro_data, tmp_pat
     assert pipe(["a red circle"], num_inference_steps=2, output_type="np").images.shape[0] == 1
     with pytest.raises(UserError, match="v_prediction"):
         main(_cfg(micro_model, micro_data, tmp_path / "bad", steps=1, extra=["train.zero_terminal_snr=true"]))
+
+
+def test_timestep_bias_draws_the_chosen_end_more_often():
+    from training.model import timestep_weights
+
+    assert timestep_weights(1000, "none", 0.25, 10.0) is None
+    assert timestep_weights(1000, "later", 0.25, 1.0) is None
+    later = timestep_weights(1000, "later", 0.1, 9.0)
+    assert torch.isclose(later.sum(), torch.tensor(1.0))
+    assert torch.isclose(later[900:].sum(), torch.tensor(0.5))  # 100 steps x 9 against 900 x 1
+    assert later[999] == later[900] and later[0] * 9 == pytest.approx(later[999].item())
+    earlier = timestep_weights(1000, "earlier", 0.1, 9.0)
+    assert torch.isclose(earlier[:100].sum(), torch.tensor(0.5))
+    drawn = torch.multinomial(later, 20000, replacement=True)
+    assert 0.47 < (drawn >= 900).float().mean().item() < 0.53
 
 
 def test_non_finite_loss_stops_cleanly(micro_model, micro_data, tmp_path):

@@ -223,11 +223,32 @@ def parse_caption(text: str) -> dict:
     return {"background": background, "objects": objects}
 
 
+SPEC_FILE = ".t2i-synthetic.json"  # hidden: imagefolder loading skips it
+
+
+def _spec_record(n: int, seed: int, size: int, spec: WorldSpec) -> dict:
+    return {"n": n, "seed": seed, "size": size, "exclude": sorted(spec.exclude), "focus": sorted(spec.focus),
+            "focus_fraction": spec.focus_fraction, "max_shapes": spec.max_shapes}
+
+
+def synthetic_spec_matches(folder: str | Path, n: int, seed: int, size: int, spec: WorldSpec) -> bool | None:
+    """Whether a folder rendered by ``generate_dataset`` was rendered with these settings; None when
+    the folder was not rendered by it (a user's own data, or one from before the record existed)."""
+    rec = Path(folder) / SPEC_FILE
+    if not rec.exists():
+        return None
+    try:
+        return json.loads(rec.read_text()) == _spec_record(n, seed, size, spec)
+    except (OSError, ValueError):
+        return False
+
+
 def generate_dataset(out: str | Path, n: int, seed: int = 0, size: int = 64,
                      spec: WorldSpec | None = None, overwrite: bool = False) -> Path:
     """Writes ``n`` images + ``metadata.jsonl`` (imagefolder layout) deterministically from ``seed``.
 
-    The folder appears whole or not at all: it is written under a temporary name and renamed.
+    The folder appears whole or not at all: it is written under a temporary name and renamed. A
+    hidden ``SPEC_FILE`` records what was asked for (see ``synthetic_spec_matches``).
     """
     spec = spec or WorldSpec()
     out = Path(out)
@@ -249,6 +270,7 @@ def generate_dataset(out: str | Path, n: int, seed: int = 0, size: int = 64,
             img.save(tmp / name)
             row = {"file_name": name, "text": caption_scene(scene, rng), **scene}
             meta.write(json.dumps(row) + "\n")
+    (tmp / SPEC_FILE).write_text(json.dumps(_spec_record(n, seed, size, spec), sort_keys=True))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -24,6 +24,20 @@ def to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def timestep_weights(n: int, strategy: str, portion: float, multiplier: float) -> torch.Tensor | None:
+    """Sampling weights over the ``n`` training timesteps: the ``portion`` at the noisy end (``later``)
+    or the clean end (``earlier``) drawn ``multiplier`` times as often; None for uniform."""
+    if strategy == "none" or multiplier == 1.0:
+        return None
+    w = torch.ones(n)
+    k = max(1, int(round(n * portion)))
+    if strategy == "later":
+        w[n - k:] = multiplier
+    else:
+        w[:k] = multiplier
+    return w / w.sum()
+
+
 class LatentDiffusion:
     """Latent diffusion over an SD pipeline's parts (Rombach et al. 2022).
 
@@ -32,7 +46,8 @@ class LatentDiffusion:
     """
 
     def __init__(self, comps: Components, prediction_type: str | None = None, snr_gamma: float | None = None,
-                 noise_offset: float = 0.0, zero_terminal_snr: bool = False):
+                 noise_offset: float = 0.0, zero_terminal_snr: bool = False,
+                 timestep_bias: tuple[str, float, float] = ("none", 0.25, 1.0)):
         if zero_terminal_snr:  # training and sampling schedules both change; the saved scheduler carries it
             from diffusers import DDPMScheduler
 
@@ -48,6 +63,7 @@ class LatentDiffusion:
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
+        self.timestep_weights = timestep_weights(self.noise_scheduler.config.num_train_timesteps, *timestep_bias)
 
     # ------------------------------------------------------------------ conditioning
     def tokenize(self, captions: list[str]) -> torch.Tensor:
@@ -75,7 +91,10 @@ class LatentDiffusion:
             noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
         bsz = latents.shape[0]
         sched = self.noise_scheduler
-        t = torch.randint(0, sched.config.num_train_timesteps, (bsz,), device=latents.device).long()
+        if self.timestep_weights is None:
+            t = torch.randint(0, sched.config.num_train_timesteps, (bsz,), device=latents.device).long()
+        else:
+            t = torch.multinomial(self.timestep_weights, bsz, replacement=True).to(latents.device)
         noisy = sched.add_noise(latents, noise, t)
         if sched.config.prediction_type == "v_prediction":
             target = sched.get_velocity(latents, noise, t)

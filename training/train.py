@@ -58,7 +58,8 @@ class DataConfig(Strict):
     on_bad_image: Literal["skip", "error"] = "skip"
     """What to do with an image that fails to decode: skip it (and count it) or stop."""
     synthetic: SyntheticData | None = None
-    """If set and `path` does not exist, render the synthetic dataset there first."""
+    """If set, render the synthetic dataset at `path` first (again when it was rendered with other
+    settings; a folder not rendered by t2i is used as it is)."""
 
 
 class ModelConfig(Strict):
@@ -110,6 +111,13 @@ class TrainArgs(Strict):
     """Rescale the noise schedule to zero terminal SNR and sample with trailing timesteps (Lin et al.
     2023); needs v_prediction. With the usual schedule the last step still shows 7% of the image,
     so a model learns to take the layout from the seed's noise instead of from the prompt."""
+    timestep_bias: Literal["none", "later", "earlier"] = "none"
+    """Draw more training timesteps from the noisy end (later: composition and layout) or the clean
+    end (earlier: fine detail), as diffusers' SDXL script does."""
+    timestep_bias_portion: float = Field(0.25, gt=0, le=1)
+    """Fraction of the timesteps (at the biased end) that are drawn more often."""
+    timestep_bias_multiplier: float = Field(1.0, ge=1)
+    """How much more often those timesteps are drawn (1.0 = no bias)."""
     caption_dropout: float = Field(0.1, ge=0, le=1)
     """Share of captions replaced by "" (classifier-free guidance needs it)."""
     cache: bool = True
@@ -181,13 +189,18 @@ class TrainingDiverged(UserError):
 # ============================================================================ setup
 
 def prepare_data(cfg: TrainConfig, resolution: int):
-    from training.data import WorldSpec, generate_dataset, load_imagefolder
+    from training.data import WorldSpec, generate_dataset, load_imagefolder, synthetic_spec_matches
 
     d = cfg.data
-    if d.synthetic is not None and not Path(d.path).exists():
+    if d.synthetic is not None:
         s = d.synthetic
         spec = WorldSpec(tuple(s.exclude), tuple(s.focus), s.focus_fraction, s.max_shapes)
-        generate_dataset(d.path, s.n, s.seed, s.size, spec)
+        if not Path(d.path).exists():
+            generate_dataset(d.path, s.n, s.seed, s.size, spec)
+        elif synthetic_spec_matches(d.path, s.n, s.seed, s.size, spec) is False:
+            # our own rendering, of other settings: a stale dataset would silently train the old recipe
+            print(f"{d.path} was rendered with other data.synthetic settings; rendering it again")
+            generate_dataset(d.path, s.n, s.seed, s.size, spec, overwrite=True)
     return load_imagefolder(d.path, resolution, d.image_column, d.caption_column, d.on_bad_image)
 
 
@@ -255,7 +268,8 @@ class Run:
         if t.zero_terminal_snr and (t.prediction_type or comps.noise_scheduler.config.prediction_type) != "v_prediction":
             raise UserError("train.zero_terminal_snr needs train.prediction_type=v_prediction (epsilon is "
                             "undefined at zero SNR)")
-        self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr)
+        self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
+                                     (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier))
         self.trainable = self._select_trainable(comps)
         self.cache_latents = t.cache and t.what != "vae"
         self.cache_text = t.cache and t.what != "vae" and not t.train_text_encoder
