@@ -79,8 +79,10 @@ def test_stale_synthetic_dataset_is_rendered_again(tmp_path):
 
     first = prepare_data(cfg(1.0), 32)
     assert star_share(first) == 1.0
-    assert prepare_data(cfg(1.0), 32).captions == first.captions  # same settings: reused as it is
+    sentinel = tmp_path / "d" / ".kept"  # gone if the folder is rendered again
+    sentinel.touch()
+    assert prepare_data(cfg(1.0), 32).captions == first.captions and sentinel.exists()  # same settings: reused
     again = prepare_data(cfg(0.0), 32)  # changed settings: not the old images under the new recipe
-    assert star_share(again) < 1.0
+    assert star_share(again) < 1.0 and not sentinel.exists()
     (tmp_path / "d" / ".t2i-synthetic.json").unlink()  # not rendered by t2i: left alone
     assert prepare_data(cfg(1.0), 32).captions == again.captions

@@ -130,6 +130,19 @@ def test_timestep_bias_draws_the_chosen_end_more_often():
     assert 0.47 < (drawn >= 900).float().mean().item() < 0.53
 
 
+def test_loss_draws_timesteps_with_the_bias(micro_model):
+    from training.model import LatentDiffusion
+    from training.presets import load_components
+
+    model = LatentDiffusion(load_components(str(micro_model)), timestep_bias=("later", 0.1, 1000.0))
+    seen = []
+    add_noise = model.noise_scheduler.add_noise
+    model.noise_scheduler.add_noise = lambda x, n, t: (seen.append(t), add_noise(x, n, t))[1]
+    latents = torch.randn(64, 4, 8, 8)
+    model.loss(latents, model.encode_text(["a red circle"] * 64).detach())
+    assert (torch.cat(seen) >= 900).float().mean().item() > 0.9  # uniform draws would give ~0.1
+
+
 def test_non_finite_loss_stops_cleanly(micro_model, micro_data, tmp_path):
     from tests.conftest import run_cli
 
