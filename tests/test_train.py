@@ -143,6 +143,20 @@ def test_loss_draws_timesteps_with_the_bias(micro_model):
     assert (torch.cat(seen) >= 900).float().mean().item() > 0.9  # uniform draws would give ~0.1
 
 
+def test_text_encoder_gets_its_own_learning_rate(micro_model, micro_data, tmp_path):
+    from training.train import setup
+
+    extra = ["train.train_text_encoder=true", "train.lr_scheduler=constant", "train.warmup_steps=0",
+             "train.learning_rate=1e-4"]
+    run = setup(_cfg(micro_model, micro_data, tmp_path / "a", steps=1, extra=extra + ["train.text_encoder_learning_rate=3e-3"]))
+    unet, text = run.optimizer.param_groups
+    assert unet["lr"] == pytest.approx(1e-4) and text["lr"] == pytest.approx(3e-3)
+    assert {id(p) for p in text["params"]} == {id(p) for p in run.model.text_encoder.parameters()}
+    assert {id(p) for p in unet["params"]} == {id(p) for p in run.model.unet.parameters()}
+    same = setup(_cfg(micro_model, micro_data, tmp_path / "b", steps=1, extra=extra))
+    assert [g["lr"] for g in same.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
+
+
 def test_non_finite_loss_stops_cleanly(micro_model, micro_data, tmp_path):
     from tests.conftest import run_cli
 

@@ -79,6 +79,9 @@ class TrainArgs(Strict):
     """Which weights to train: full UNet, LoRA adapters on the UNet, or the VAE."""
     train_text_encoder: bool = False
     """Also train the text encoder (fully)."""
+    text_encoder_learning_rate: float | None = Field(None, gt=0)
+    """Peak learning rate of the text encoder (null: train.learning_rate). A fine-tune that teaches
+    new words may need it higher: their embeddings start where the base left unseen tokens."""
     max_steps: int = Field(1000, ge=1)
     """Optimizer steps to run."""
     batch_size: int = Field(16, ge=1)
@@ -224,15 +227,26 @@ def _find_checkpoint(ckpt_dir: Path, resume_from: str | None) -> Path | None:
     return done[-1] if done else None
 
 
-def _optimizer(cfg: TrainConfig, params):
+def _param_groups(cfg: TrainConfig, trainable: list[torch.nn.Module]) -> list[dict]:
+    """One optimizer group per trained module; the text encoder (last, when trained) may have its own LR."""
+    t = cfg.train
+    groups = []
+    for i, m in enumerate(trainable):
+        is_text = t.what != "vae" and t.train_text_encoder and i == len(trainable) - 1
+        lr = t.text_encoder_learning_rate if is_text and t.text_encoder_learning_rate else t.learning_rate
+        groups.append({"params": [p for p in m.parameters() if p.requires_grad], "lr": lr})
+    return groups
+
+
+def _optimizer(cfg: TrainConfig, groups: list[dict]):
     t = cfg.train
     if t.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
-            return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+            return bnb.optim.AdamW8bit(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
         except Exception as e:  # no kernel for this device
             raise UserError(f"8-bit AdamW is not available here ({e}); use train.optimizer=adamw") from None
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
 class Run:
@@ -369,8 +383,7 @@ def setup(cfg: TrainConfig) -> Run:
         run.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run.out / "config.yaml")
     run.build_caches()
-    params = [p for m in run.trainable for p in m.parameters() if p.requires_grad]
-    run.optimizer = _optimizer(cfg, params)
+    run.optimizer = _optimizer(cfg, _param_groups(cfg, run.trainable))
     run.lr_scheduler = get_scheduler(t.lr_scheduler, run.optimizer, num_warmup_steps=t.warmup_steps * acc.num_processes,
                                      num_training_steps=t.max_steps * acc.num_processes)
     prepared = acc.prepare(*run.trainable, run.optimizer, run.lr_scheduler)
