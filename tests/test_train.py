@@ -147,7 +147,7 @@ def test_text_encoder_gets_its_own_learning_rate(micro_model, micro_data, tmp_pa
     from training.train import setup
 
     extra = ["train.train_text_encoder=true", "train.lr_scheduler=constant", "train.warmup_steps=0",
-             "train.learning_rate=1e-4"]
+             "train.learning_rate=1e-4", "train.ema_decay=0.99"]
     run = setup(_cfg(micro_model, micro_data, tmp_path / "a", steps=1, extra=extra + ["train.text_encoder_learning_rate=3e-3"]))
     unet, text = run.optimizer.param_groups
     assert unet["lr"] == pytest.approx(1e-4) and text["lr"] == pytest.approx(3e-3)

@@ -383,7 +383,9 @@ def setup(cfg: TrainConfig) -> Run:
         run.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run.out / "config.yaml")
     run.build_caches()
-    run.optimizer = _optimizer(cfg, _param_groups(cfg, run.trainable))
+    groups = _param_groups(cfg, run.trainable)
+    params = [p for g in groups for p in g["params"]]
+    run.optimizer = _optimizer(cfg, groups)
     run.lr_scheduler = get_scheduler(t.lr_scheduler, run.optimizer, num_warmup_steps=t.warmup_steps * acc.num_processes,
                                      num_training_steps=t.max_steps * acc.num_processes)
     prepared = acc.prepare(*run.trainable, run.optimizer, run.lr_scheduler)
