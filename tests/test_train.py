@@ -157,6 +157,27 @@ def test_text_encoder_gets_its_own_learning_rate(micro_model, micro_data, tmp_pa
     assert [g["lr"] for g in same.optimizer.param_groups] == pytest.approx([1e-4, 1e-4])
 
 
+def test_min_snr_plus_one_keeps_the_noisy_end(micro_model, micro_data, tmp_path):
+    from training.errors import UserError
+    from training.model import LatentDiffusion, snr_loss_weights
+    from training.presets import load_components
+
+    snr = torch.tensor([0.0, 2.0, 100.0])
+    assert snr_loss_weights(snr, 5.0, "v_prediction").tolist() == pytest.approx([0.0, 2 / 3, 5 / 101])
+    assert snr_loss_weights(snr, 5.0, "v_prediction", "min_snr_plus_one").tolist() == pytest.approx([1.0, 1.0, 5 / 101])
+    # with zero terminal SNR, t = 999 teaches nothing under min-SNR and everything under min-SNR + 1
+    losses = {}
+    for kind in ("min_snr", "min_snr_plus_one"):
+        torch.manual_seed(0)
+        model = LatentDiffusion(load_components(str(micro_model)), "v_prediction", 5.0, zero_terminal_snr=True,
+                                timestep_bias=("later", 0.001, 1e9), snr_weighting=kind)
+        losses[kind] = model.loss(torch.randn(8, 4, 8, 8), model.encode_text(["a red circle"] * 8).detach()).item()
+    assert losses["min_snr"] < 1e-6 < 0.1 < losses["min_snr_plus_one"]
+    with pytest.raises(UserError, match="v-prediction"):
+        main(_cfg(micro_model, micro_data, tmp_path / "eps", steps=1,
+                  extra=["train.snr_gamma=5", "train.snr_weighting=min_snr_plus_one", "train.prediction_type=epsilon"]))
+
+
 def test_non_finite_loss_stops_cleanly(micro_model, micro_data, tmp_path):
     from tests.conftest import run_cli
 

@@ -38,6 +38,19 @@ def timestep_weights(n: int, strategy: str, portion: float, multiplier: float) -
     return w / w.sum()
 
 
+def snr_loss_weights(snr: torch.Tensor, gamma: float, prediction_type: str, kind: str = "min_snr") -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023): the x0 loss weighted by min(SNR, gamma).
+
+    For v-prediction that is min(SNR, gamma) / (SNR + 1), which goes to 0 at the noisy end, and with
+    zero terminal SNR the noisiest timesteps (where the layout and the kind of shape are decided)
+    then teach nothing. ``min_snr_plus_one`` weights the x0 loss by min(SNR + 1, gamma) instead:
+    v-loss weight min(1, gamma / (SNR + 1)), full weight at the noisy end and the same down-weighting
+    of the clean end. It needs v-prediction (for epsilon it would divide by SNR = 0).
+    """
+    x0_weight = torch.minimum(snr + 1 if kind == "min_snr_plus_one" else snr, torch.full_like(snr, gamma))
+    return x0_weight / (snr + 1) if prediction_type == "v_prediction" else x0_weight / snr
+
+
 class LatentDiffusion:
     """Latent diffusion over an SD pipeline's parts (Rombach et al. 2022).
 
@@ -47,7 +60,7 @@ class LatentDiffusion:
 
     def __init__(self, comps: Components, prediction_type: str | None = None, snr_gamma: float | None = None,
                  noise_offset: float = 0.0, zero_terminal_snr: bool = False,
-                 timestep_bias: tuple[str, float, float] = ("none", 0.25, 1.0)):
+                 timestep_bias: tuple[str, float, float] = ("none", 0.25, 1.0), snr_weighting: str = "min_snr"):
         if zero_terminal_snr:  # training and sampling schedules both change; the saved scheduler carries it
             from diffusers import DDPMScheduler
 
@@ -62,6 +75,7 @@ class LatentDiffusion:
         if prediction_type:
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
         self.snr_gamma = snr_gamma
+        self.snr_weighting = snr_weighting
         self.noise_offset = noise_offset
         self.timestep_weights = timestep_weights(self.noise_scheduler.config.num_train_timesteps, *timestep_bias)
 
@@ -103,9 +117,8 @@ class LatentDiffusion:
         pred = self.unet(noisy, t, text_emb, return_dict=False)[0]
         if self.snr_gamma is None:
             return F.mse_loss(pred.float(), target.float())
-        snr = compute_snr(sched, t)
-        weight = torch.stack([snr, self.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-        weight = weight / (snr + 1) if sched.config.prediction_type == "v_prediction" else weight / snr
+        weight = snr_loss_weights(compute_snr(sched, t), self.snr_gamma, sched.config.prediction_type,
+                                  self.snr_weighting)
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
         return (per * weight).mean()
 

@@ -106,6 +106,10 @@ class TrainArgs(Strict):
     """If set, keep an EMA of the trained weights with this decay and save it."""
     snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (5.0 is the paper's choice); null disables."""
+    snr_weighting: Literal["min_snr", "min_snr_plus_one"] = "min_snr"
+    """With snr_gamma: min_snr weights the x0 loss by min(SNR, gamma), which for v-prediction gives the
+    noisiest timesteps almost no weight; min_snr_plus_one uses min(SNR + 1, gamma), keeping full
+    weight there (needs v-prediction)."""
     noise_offset: float = 0.0
     """Noise offset (helps flat, very dark or bright images)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
@@ -282,8 +286,12 @@ class Run:
         if t.zero_terminal_snr and (t.prediction_type or comps.noise_scheduler.config.prediction_type) != "v_prediction":
             raise UserError("train.zero_terminal_snr needs train.prediction_type=v_prediction (epsilon is "
                             "undefined at zero SNR)")
+        if t.snr_weighting == "min_snr_plus_one" and (t.prediction_type or comps.noise_scheduler.config.prediction_type) != "v_prediction":
+            raise UserError("train.snr_weighting=min_snr_plus_one needs v-prediction (set train.prediction_type="
+                            "v_prediction, or use snr_weighting=min_snr)")
         self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
-                                     (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier))
+                                     (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier),
+                                     t.snr_weighting)
         self.trainable = self._select_trainable(comps)
         self.cache_latents = t.cache and t.what != "vae"
         self.cache_text = t.cache and t.what != "vae" and not t.train_text_encoder
