@@ -173,9 +173,30 @@ def test_min_snr_plus_one_keeps_the_noisy_end(micro_model, micro_data, tmp_path)
                                 timestep_bias=("later", 0.001, 1e9), snr_weighting=kind)
         losses[kind] = model.loss(torch.randn(8, 4, 8, 8), model.encode_text(["a red circle"] * 8).detach()).item()
     assert losses["min_snr"] < 1e-6 < 0.1 < losses["min_snr_plus_one"]
-    with pytest.raises(UserError, match="v-prediction"):
+    # the same, chosen per image: only the focus images get the noisy end's weight
+    torch.manual_seed(0)
+    model = LatentDiffusion(load_components(str(micro_model)), "v_prediction", 5.0, zero_terminal_snr=True,
+                            timestep_bias=("later", 0.001, 1e9))
+    latents, emb = torch.randn(8, 4, 8, 8), model.encode_text(["a red circle"] * 8).detach()
+    assert model.loss(latents, emb, torch.zeros(8, dtype=torch.bool), "min_snr_plus_one").item() < 1e-6
+    assert model.loss(latents, emb, torch.arange(8) < 4, "min_snr_plus_one").item() > 0.05
+    with pytest.raises(UserError, match="needs v-prediction"):
         main(_cfg(micro_model, micro_data, tmp_path / "eps", steps=1,
                   extra=["train.snr_gamma=5", "train.snr_weighting=min_snr_plus_one", "train.prediction_type=epsilon"]))
+
+
+def test_focus_images_are_found_by_their_caption_words(micro_model, micro_data, tmp_path):
+    from training.errors import UserError
+    from training.train import setup
+
+    extra = ["train.prediction_type=v_prediction", "train.snr_gamma=5", "train.focus_snr_weighting=min_snr_plus_one"]
+    run = setup(_cfg(micro_model, micro_data, tmp_path / "f", steps=1, extra=extra + ["train.focus_words=[circle]"]))
+    idx = run.batch_indices(0)
+    want = ["circle" in run.data.captions[i].replace(",", " ").split() for i in idx]
+    assert any(want) and not all(want)
+    assert run.focus_mask(idx).tolist() == want
+    with pytest.raises(UserError, match="focus words"):
+        setup(_cfg(micro_model, micro_data, tmp_path / "g", steps=1, extra=extra))
 
 
 def test_non_finite_loss_stops_cleanly(micro_model, micro_data, tmp_path):

@@ -98,8 +98,13 @@ class LatentDiffusion:
         return (mean + std * torch.randn_like(std)) * self.vae.config.scaling_factor
 
     # ------------------------------------------------------------------ losses
-    def loss(self, latents: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Denoising loss at uniformly drawn timesteps (DDPM, Ho et al. 2020)."""
+    def loss(self, latents: torch.Tensor, text_emb: torch.Tensor, focus: torch.Tensor | None = None,
+             focus_weighting: str | None = None) -> torch.Tensor:
+        """Denoising loss at uniformly drawn timesteps (DDPM, Ho et al. 2020).
+
+        ``focus`` (bool per sample) marks the images that teach something new; with ``focus_weighting``
+        their min-SNR weights use that kind instead of the model's ``snr_weighting``.
+        """
         noise = torch.randn_like(latents)
         if self.noise_offset:  # lets the model shift mean brightness (flat backgrounds)
             noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
@@ -117,8 +122,11 @@ class LatentDiffusion:
         pred = self.unet(noisy, t, text_emb, return_dict=False)[0]
         if self.snr_gamma is None:
             return F.mse_loss(pred.float(), target.float())
-        weight = snr_loss_weights(compute_snr(sched, t), self.snr_gamma, sched.config.prediction_type,
-                                  self.snr_weighting)
+        snr = compute_snr(sched, t)
+        weight = snr_loss_weights(snr, self.snr_gamma, sched.config.prediction_type, self.snr_weighting)
+        if focus is not None and focus_weighting and focus_weighting != self.snr_weighting:
+            focus_weight = snr_loss_weights(snr, self.snr_gamma, sched.config.prediction_type, focus_weighting)
+            weight = torch.where(focus.to(weight.device), focus_weight, weight)
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
         return (per * weight).mean()
 

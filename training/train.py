@@ -110,6 +110,11 @@ class TrainArgs(Strict):
     """With snr_gamma: min_snr weights the x0 loss by min(SNR, gamma), which for v-prediction gives the
     noisiest timesteps almost no weight; min_snr_plus_one uses min(SNR + 1, gamma), keeping full
     weight there (needs v-prediction)."""
+    focus_snr_weighting: Literal["min_snr", "min_snr_plus_one"] | None = None
+    """With snr_gamma: the weighting of the images that teach something new (captions holding a
+    train.focus_words word), e.g. min_snr_plus_one there while the replayed images keep min_snr."""
+    focus_words: list[str] | None = None
+    """Words that mark a caption as teaching something new (default: data.synthetic.focus)."""
     noise_offset: float = 0.0
     """Noise offset (helps flat, very dark or bright images)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
@@ -286,9 +291,13 @@ class Run:
         if t.zero_terminal_snr and (t.prediction_type or comps.noise_scheduler.config.prediction_type) != "v_prediction":
             raise UserError("train.zero_terminal_snr needs train.prediction_type=v_prediction (epsilon is "
                             "undefined at zero SNR)")
-        if t.snr_weighting == "min_snr_plus_one" and (t.prediction_type or comps.noise_scheduler.config.prediction_type) != "v_prediction":
-            raise UserError("train.snr_weighting=min_snr_plus_one needs v-prediction (set train.prediction_type="
-                            "v_prediction, or use snr_weighting=min_snr)")
+        if "min_snr_plus_one" in (t.snr_weighting, t.focus_snr_weighting) and (
+                t.prediction_type or comps.noise_scheduler.config.prediction_type) != "v_prediction":
+            raise UserError("min_snr_plus_one weighting needs v-prediction (set train.prediction_type="
+                            "v_prediction, or use min_snr)")
+        if t.focus_snr_weighting and not (t.focus_words or (cfg.data.synthetic and cfg.data.synthetic.focus)):
+            raise UserError("train.focus_snr_weighting needs the focus words: set train.focus_words "
+                            "(or data.synthetic.focus)")
         self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
                                      (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier),
                                      t.snr_weighting)
@@ -356,6 +365,14 @@ class Run:
         per = t.batch_size * self.acc.num_processes
         glob = perm[k * per:(k + 1) * per]
         return glob[self.acc.process_index::self.acc.num_processes]
+
+    def focus_mask(self, idx: np.ndarray) -> torch.Tensor | None:
+        """Which images of the micro-batch teach something new (their caption holds a focus word)."""
+        t, syn = self.cfg.train, self.cfg.data.synthetic
+        words = set(t.focus_words if t.focus_words is not None else (syn.focus if syn else []))
+        if not t.focus_snr_weighting or not words:
+            return None
+        return torch.tensor([bool(words & set(self.data.captions[i].replace(",", " ").split())) for i in idx])
 
     def batch(self, idx: np.ndarray):
         from training.model import to_pixels
@@ -434,10 +451,11 @@ def train_step(run: Run, micro: int):
     """
     acc, t = run.acc, run.cfg.train
     with acc.accumulate(*run.trainable):
-        inputs, emb = run.batch(run.batch_indices(micro))
+        idx = run.batch_indices(micro)
+        inputs, emb = run.batch(idx)
         with acc.autocast():  # also covers vae.encode/decode, which are not forward()
             loss = (run.model.vae_loss(inputs, t.vae_kl_weight) if t.what == "vae"
-                    else run.model.loss(inputs, emb))
+                    else run.model.loss(inputs, emb, run.focus_mask(idx), t.focus_snr_weighting))
         acc.backward(loss)
         grad_norm = None
         if acc.sync_gradients and t.max_grad_norm > 0:
