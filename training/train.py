@@ -236,15 +236,12 @@ def _find_checkpoint(ckpt_dir: Path, resume_from: str | None) -> Path | None:
     return done[-1] if done else None
 
 
-def _param_groups(cfg: TrainConfig, trainable: list[torch.nn.Module]) -> list[dict]:
-    """One optimizer group per trained module; the text encoder (last, when trained) may have its own LR."""
+def _param_groups(cfg: TrainConfig, trainable: list[torch.nn.Module], text_encoder: torch.nn.Module) -> list[dict]:
+    """One optimizer group per trained module; the text encoder may have its own LR."""
     t = cfg.train
-    groups = []
-    for i, m in enumerate(trainable):
-        is_text = t.what != "vae" and t.train_text_encoder and i == len(trainable) - 1
-        lr = t.text_encoder_learning_rate if is_text and t.text_encoder_learning_rate else t.learning_rate
-        groups.append({"params": [p for p in m.parameters() if p.requires_grad], "lr": lr})
-    return groups
+    return [{"params": [p for p in m.parameters() if p.requires_grad],
+             "lr": (t.text_encoder_learning_rate or t.learning_rate) if m is text_encoder else t.learning_rate}
+            for m in trainable]
 
 
 def _optimizer(cfg: TrainConfig, groups: list[dict]):
@@ -288,14 +285,15 @@ class Run:
             log_with="tensorboard", project_config=ProjectConfiguration(
                 project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         torch.manual_seed(t.seed + self.acc.process_index)
-        if t.zero_terminal_snr and (t.prediction_type or comps.noise_scheduler.config.prediction_type) != "v_prediction":
+        v_prediction = (t.prediction_type or comps.noise_scheduler.config.prediction_type) == "v_prediction"
+        if t.zero_terminal_snr and not v_prediction:
             raise UserError("train.zero_terminal_snr needs train.prediction_type=v_prediction (epsilon is "
                             "undefined at zero SNR)")
-        if "min_snr_plus_one" in (t.snr_weighting, t.focus_snr_weighting) and (
-                t.prediction_type or comps.noise_scheduler.config.prediction_type) != "v_prediction":
+        if "min_snr_plus_one" in (t.snr_weighting, t.focus_snr_weighting) and not v_prediction:
             raise UserError("min_snr_plus_one weighting needs v-prediction (set train.prediction_type="
                             "v_prediction, or use min_snr)")
-        if t.focus_snr_weighting and not (t.focus_words or (cfg.data.synthetic and cfg.data.synthetic.focus)):
+        self.focus_words = set(t.focus_words or (cfg.data.synthetic.focus if cfg.data.synthetic else []))
+        if t.focus_snr_weighting and not self.focus_words:
             raise UserError("train.focus_snr_weighting needs the focus words: set train.focus_words "
                             "(or data.synthetic.focus)")
         self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
@@ -368,11 +366,10 @@ class Run:
 
     def focus_mask(self, idx: np.ndarray) -> torch.Tensor | None:
         """Which images of the micro-batch teach something new (their caption holds a focus word)."""
-        t, syn = self.cfg.train, self.cfg.data.synthetic
-        words = set(t.focus_words if t.focus_words is not None else (syn.focus if syn else []))
-        if not t.focus_snr_weighting or not words:
+        if not self.cfg.train.focus_snr_weighting:
             return None
-        return torch.tensor([bool(words & set(self.data.captions[i].replace(",", " ").split())) for i in idx])
+        return torch.tensor([bool(self.focus_words & set(self.data.captions[i].replace(",", " ").split()))
+                             for i in idx])
 
     def batch(self, idx: np.ndarray):
         from training.model import to_pixels
@@ -408,7 +405,7 @@ def setup(cfg: TrainConfig) -> Run:
         run.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run.out / "config.yaml")
     run.build_caches()
-    groups = _param_groups(cfg, run.trainable)
+    groups = _param_groups(cfg, run.trainable, run.model.text_encoder)
     params = [p for g in groups for p in g["params"]]
     run.optimizer = _optimizer(cfg, groups)
     run.lr_scheduler = get_scheduler(t.lr_scheduler, run.optimizer, num_warmup_steps=t.warmup_steps * acc.num_processes,
