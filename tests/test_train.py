@@ -210,3 +210,54 @@ def test_non_finite_loss_stops_cleanly(micro_model, micro_data, tmp_path):
     assert "loss became" in res.stderr and "Last good checkpoint" in res.stderr
     assert not (out / "model").exists()
     assert list((out / "checkpoints").glob("checkpoint-*"))
+
+
+def _unet_outputs(model_dir, captions):
+    """The UNet's predictions for fixed noisy latents and timesteps, one per caption."""
+    from training.model import LatentDiffusion
+    from training.presets import load_components
+
+    model = LatentDiffusion(load_components(str(model_dir)))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(len(captions), 4, 8, 8, generator=gen)
+    t = torch.randint(0, 1000, (len(captions),), generator=gen)
+    with torch.no_grad():
+        return model.unet(x, t, model.encode_text(captions), return_dict=False)[0]
+
+
+def test_preservation_distils_the_replayed_images_towards_the_base(micro_model, micro_data, tmp_path):
+    import copy
+
+    from training.errors import UserError
+    from training.model import LatentDiffusion
+    from training.presets import load_components
+    from training.train import setup
+
+    # the loss term: zero while the student is the teacher, and only on the masked (replayed) images
+    model = LatentDiffusion(load_components(str(micro_model)))
+    teacher = copy.deepcopy(model.unet).requires_grad_(False)
+    latents, emb = torch.randn(8, 4, 8, 8), model.encode_text(["a red circle"] * 8).detach()
+
+    def loss(mask):
+        torch.manual_seed(0)
+        return model.loss(latents, emb, preserve=None if mask is None else (teacher, emb, mask, 10.0)).item()
+    assert loss(torch.ones(8, dtype=torch.bool)) == pytest.approx(loss(None))
+    with torch.no_grad():
+        model.unet.conv_out.bias.add_(0.5)
+    assert loss(torch.zeros(8, dtype=torch.bool)) == pytest.approx(loss(None))
+    assert loss(torch.ones(8, dtype=torch.bool)) > loss(None) + 10 * 0.2  # 0.25 per element, x10
+    # a run: the teacher is a frozen copy of the start, and it keeps the replayed captions' outputs near the base
+    extra = ["train.focus_words=[circle]", "train.learning_rate=3e-3", "train.ema_decay=null"]
+    run = setup(_cfg(micro_model, micro_data, tmp_path / "t", steps=1, extra=extra + ["train.preserve_weight=1"]))
+    assert not any(p.requires_grad for p in run.teacher.unet.parameters()) and run.teacher.text_encoder is None
+    assert run.teacher.unet is not run.model.unet
+    replayed = ["a blue square on the left", "a green triangle at the top", "a yellow cross in the centre"] * 3
+    base = _unet_outputs(micro_model, replayed)
+    drift = {}
+    for w in (0, 100):
+        out = tmp_path / f"w{w}"
+        main(_cfg(micro_model, micro_data, out, steps=6, extra=extra + [f"train.preserve_weight={w}"]))
+        drift[w] = (_unet_outputs(out / "model", replayed) - base).pow(2).mean().item()
+    assert drift[100] < 0.5 * drift[0]
+    with pytest.raises(UserError, match="focus words"):
+        setup(_cfg(micro_model, micro_data, tmp_path / "n", steps=1, extra=["train.preserve_weight=1"]))

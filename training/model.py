@@ -99,11 +99,14 @@ class LatentDiffusion:
 
     # ------------------------------------------------------------------ losses
     def loss(self, latents: torch.Tensor, text_emb: torch.Tensor, focus: torch.Tensor | None = None,
-             focus_weighting: str | None = None) -> torch.Tensor:
+             focus_weighting: str | None = None, preserve: tuple | None = None) -> torch.Tensor:
         """Denoising loss at uniformly drawn timesteps (DDPM, Ho et al. 2020).
 
         ``focus`` (bool per sample) marks the images that teach something new; with ``focus_weighting``
         their min-SNR weights use that kind instead of the model's ``snr_weighting``.
+        ``preserve`` = (teacher UNet, teacher text embeddings, bool mask, weight) adds weight x the MSE
+        between the prediction and the teacher's on the same noisy latents, for the masked images,
+        with equal weight at every timestep (averaged over the whole batch).
         """
         noise = torch.randn_like(latents)
         if self.noise_offset:  # lets the model shift mean brightness (flat backgrounds)
@@ -120,15 +123,24 @@ class LatentDiffusion:
         else:
             target = noise
         pred = self.unet(noisy, t, text_emb, return_dict=False)[0]
-        if self.snr_gamma is None:
-            return F.mse_loss(pred.float(), target.float())
-        snr = compute_snr(sched, t)
-        weight = snr_loss_weights(snr, self.snr_gamma, sched.config.prediction_type, self.snr_weighting)
-        if focus is not None and focus_weighting and focus_weighting != self.snr_weighting:
-            focus_weight = snr_loss_weights(snr, self.snr_gamma, sched.config.prediction_type, focus_weighting)
-            weight = torch.where(focus.to(weight.device), focus_weight, weight)
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-        return (per * weight).mean()
+        if self.snr_gamma is not None:
+            snr = compute_snr(sched, t)
+            weight = snr_loss_weights(snr, self.snr_gamma, sched.config.prediction_type, self.snr_weighting)
+            if focus is not None and focus_weighting and focus_weighting != self.snr_weighting:
+                focus_weight = snr_loss_weights(snr, self.snr_gamma, sched.config.prediction_type, focus_weighting)
+                weight = torch.where(focus.to(weight.device), focus_weight, weight)
+            per = per * weight
+        loss = per.mean()
+        if preserve is not None:
+            teacher, teacher_emb, mask, weight = preserve
+            mask = mask.to(latents.device)
+            if mask.any():
+                with torch.no_grad():
+                    want = teacher(noisy[mask], t[mask], teacher_emb[mask], return_dict=False)[0]
+                loss = loss + weight * F.mse_loss(pred[mask].float(), want.float(), reduction="sum") \
+                    / (pred[0].numel() * len(pred))
+        return loss
 
     def vae_loss(self, pixels: torch.Tensor, kl_weight: float) -> torch.Tensor:
         """Reconstruction (L1 + MSE) + KL, the VAE stage of the from-scratch preset.

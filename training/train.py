@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -115,6 +116,12 @@ class TrainArgs(Strict):
     train.focus_words word), e.g. min_snr_plus_one there while the replayed images keep min_snr."""
     focus_words: list[str] | None = None
     """Words that mark a caption as teaching something new (default: data.synthetic.focus)."""
+    preserve_weight: float = Field(0.0, ge=0)
+    """Weight of a distillation loss on the replayed images (captions without a focus word): the
+    trained model's prediction is pulled towards a frozen copy of the starting model's on the same
+    noisy latents, at every timestep with equal weight (Learning without Forgetting, Li & Hoiem
+    2016). It anchors what the base knew where the ground truth gives a weak, noisy signal (the
+    noisy end); costs one extra UNet forward on those images. 0 disables."""
     noise_offset: float = 0.0
     """Noise offset (helps flat, very dark or bright images)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
@@ -255,6 +262,21 @@ def _optimizer(cfg: TrainConfig, groups: list[dict]):
     return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
+@dataclass
+class Teacher:
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+
+
+def _frozen_copy(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, device) -> Teacher:
+    """A frozen copy of the starting model, the target of train.preserve_weight."""
+    import copy
+
+    def freeze(m):
+        return copy.deepcopy(m).to(device).eval().requires_grad_(False)
+    return Teacher(freeze(unet), freeze(text_encoder) if text_encoder is not None else None)
+
+
 class Run:
     """State of one training run (setup builds it, run_loop advances it, save writes it)."""
 
@@ -293,12 +315,18 @@ class Run:
             raise UserError("min_snr_plus_one weighting needs v-prediction (set train.prediction_type="
                             "v_prediction, or use min_snr)")
         self.focus_words = set(t.focus_words or (cfg.data.synthetic.focus if cfg.data.synthetic else []))
-        if t.focus_snr_weighting and not self.focus_words:
-            raise UserError("train.focus_snr_weighting needs the focus words: set train.focus_words "
-                            "(or data.synthetic.focus)")
+        for key in ("focus_snr_weighting", "preserve_weight"):
+            if getattr(t, key) and not self.focus_words:
+                raise UserError(f"train.{key} needs the focus words: set train.focus_words "
+                                "(or data.synthetic.focus)")
+        if t.preserve_weight and t.what not in ("unet", "lora"):
+            raise UserError("train.preserve_weight distils the UNet: it needs train.what=unet or lora")
         self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
                                      (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier),
                                      t.snr_weighting)
+        # the teacher is the model as it starts (copied before any LoRA adapter is added)
+        self.teacher = _frozen_copy(comps.unet, comps.text_encoder if t.train_text_encoder else None,
+                                    self.acc.device) if t.preserve_weight else None
         self.trainable = self._select_trainable(comps)
         self.cache_latents = t.cache and t.what != "vae"
         self.cache_text = t.cache and t.what != "vae" and not t.train_text_encoder
@@ -366,7 +394,7 @@ class Run:
 
     def focus_mask(self, idx: np.ndarray) -> torch.Tensor | None:
         """Which images of the micro-batch teach something new (their caption holds a focus word)."""
-        if not self.cfg.train.focus_snr_weighting:
+        if not (self.cfg.train.focus_snr_weighting or self.teacher):
             return None
         return torch.tensor([bool(self.focus_words & set(self.data.captions[i].replace(",", " ").split()))
                              for i in idx])
@@ -390,7 +418,16 @@ class Run:
             emb = self.text_cache[[self.caption_index[c] for c in captions]]
         else:
             emb = self.model.encode_text(captions)
+        self.last_captions = captions
         return latents, emb
+
+    def teacher_text(self, emb: torch.Tensor) -> torch.Tensor:
+        """The teacher's text embeddings of the last micro-batch (the student's if the text encoder is frozen)."""
+        if self.teacher.text_encoder is None:
+            return emb.detach()
+        with torch.no_grad():
+            ids = self.model.tokenize(self.last_captions).to(emb.device)
+            return self.teacher.text_encoder(ids, return_dict=False)[0]
 
 
 # ============================================================================ run
@@ -451,8 +488,13 @@ def train_step(run: Run, micro: int):
         idx = run.batch_indices(micro)
         inputs, emb = run.batch(idx)
         with acc.autocast():  # also covers vae.encode/decode, which are not forward()
-            loss = (run.model.vae_loss(inputs, t.vae_kl_weight) if t.what == "vae"
-                    else run.model.loss(inputs, emb, run.focus_mask(idx), t.focus_snr_weighting))
+            if t.what == "vae":
+                loss = run.model.vae_loss(inputs, t.vae_kl_weight)
+            else:
+                focus = run.focus_mask(idx)
+                preserve = None if run.teacher is None else \
+                    (run.teacher.unet, run.teacher_text(emb), ~focus, t.preserve_weight)
+                loss = run.model.loss(inputs, emb, focus, t.focus_snr_weighting, preserve)
         acc.backward(loss)
         grad_norm = None
         if acc.sync_gradients and t.max_grad_norm > 0:
