@@ -261,3 +261,33 @@ def test_preservation_distils_the_replayed_images_towards_the_base(micro_model, 
     assert drift[100] < 0.5 * drift[0]
     with pytest.raises(UserError, match="focus words"):
         setup(_cfg(micro_model, micro_data, tmp_path / "n", steps=1, extra=["train.preserve_weight=1"]))
+
+
+def test_foreground_weight_puts_the_loss_on_the_object(micro_model, micro_data, tmp_path):
+    from training.data import render_scene
+    from training.model import LatentDiffusion, foreground_mask
+    from training.presets import load_components
+    from training.train import setup
+
+    scene = {"background": "gray", "objects": [{"shape": "square", "colour": "red", "size": "large",
+                                                 "position": "top left"}]}
+    img = torch.from_numpy(__import__("numpy").array(render_scene(scene, size=64)))[None]
+    mask = foreground_mask(img, 16)[0, 0]
+    assert 0.1 < mask.mean().item() < 0.25  # the square (7 x 7 cells of 16 x 16), not the background
+    assert mask[:8, :8].sum() == mask.sum()  # all of it in the top-left quarter
+    # all-ones weights are the plain loss; weights on one cell give that cell's error alone
+    model = LatentDiffusion(load_components(str(micro_model)))
+    latents, emb = torch.randn(4, 4, 8, 8), model.encode_text(["a red circle"] * 4).detach()
+
+    def loss(w):
+        torch.manual_seed(0)
+        return model.loss(latents, emb, pixel_weights=w).item()
+    one_cell = torch.zeros(4, 1, 8, 8)
+    one_cell[:, :, 3, 3] = 1.0
+    assert loss(torch.ones(4, 1, 8, 8)) == pytest.approx(loss(None))
+    assert loss(one_cell) != pytest.approx(loss(None), rel=1e-3)
+    # a run builds the weights from its images: w on the object, 1 on the background
+    run = setup(_cfg(micro_model, micro_data, tmp_path / "fg", steps=1, extra=["train.foreground_weight=4"]))
+    w, hw = run.fg_weights, run.lat_mean.shape[-1]
+    assert w.shape == (len(run.data.captions), 1, hw, hw) and set(w.unique().tolist()) == {1.0, 4.0}
+    assert torch.equal(w[:3], 1 + 3 * foreground_mask(run.pixels[:3], hw))

@@ -24,6 +24,16 @@ def to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def foreground_mask(images_uint8: torch.Tensor, latent_hw: int, threshold: int = 24) -> torch.Tensor:
+    """uint8 NHWC images on a flat background -> float N x 1 x latent_hw x latent_hw, 1 where any pixel
+    of the cell differs from the background colour (the median of the border pixels) by > threshold."""
+    x = images_uint8.int()
+    border = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], dim=1)  # N x 4W x C
+    bg = border.median(dim=1).values[:, None, None, :]
+    fg = ((x - bg).abs().amax(dim=-1) > threshold).float()[:, None]
+    return F.adaptive_max_pool2d(fg, latent_hw)
+
+
 def timestep_weights(n: int, strategy: str, portion: float, multiplier: float) -> torch.Tensor | None:
     """Sampling weights over the ``n`` training timesteps: the ``portion`` at the noisy end (``later``)
     or the clean end (``earlier``) drawn ``multiplier`` times as often; None for uniform."""
@@ -99,7 +109,8 @@ class LatentDiffusion:
 
     # ------------------------------------------------------------------ losses
     def loss(self, latents: torch.Tensor, text_emb: torch.Tensor, focus: torch.Tensor | None = None,
-             focus_weighting: str | None = None, preserve: tuple | None = None) -> torch.Tensor:
+             focus_weighting: str | None = None, preserve: tuple | None = None,
+             pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Denoising loss at uniformly drawn timesteps (DDPM, Ho et al. 2020).
 
         ``focus`` (bool per sample) marks the images that teach something new; with ``focus_weighting``
@@ -107,6 +118,8 @@ class LatentDiffusion:
         ``preserve`` = (teacher UNet, teacher text embeddings, bool mask, weight) adds weight x the MSE
         between the prediction and the teacher's on the same noisy latents, for the masked images,
         with equal weight at every timestep (averaged over the whole batch).
+        ``pixel_weights`` (N x 1 x h x w) weights the latent cells of the denoising loss (a weighted mean
+        per image, so all-ones is the plain loss).
         """
         noise = torch.randn_like(latents)
         if self.noise_offset:  # lets the model shift mean brightness (flat backgrounds)
@@ -123,7 +136,11 @@ class LatentDiffusion:
         else:
             target = noise
         pred = self.unet(noisy, t, text_emb, return_dict=False)[0]
-        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+        err = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if pixel_weights is None:
+            per = err.mean(dim=[1, 2, 3])
+        else:
+            per = (err.mean(dim=1, keepdim=True) * pixel_weights).sum(dim=[1, 2, 3]) / pixel_weights.sum(dim=[1, 2, 3])
         if self.snr_gamma is not None:
             snr = compute_snr(sched, t)
             weight = snr_loss_weights(snr, self.snr_gamma, sched.config.prediction_type, self.snr_weighting)
