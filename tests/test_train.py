@@ -261,6 +261,9 @@ def test_preservation_distils_the_replayed_images_towards_the_base(micro_model, 
     assert drift[100] < 0.5 * drift[0]
     with pytest.raises(UserError, match="focus words"):
         setup(_cfg(micro_model, micro_data, tmp_path / "n", steps=1, extra=["train.preserve_weight=1"]))
+    with pytest.raises(UserError, match="distils the starting model"):  # the teacher would predict epsilon
+        setup(_cfg(micro_model, micro_data, tmp_path / "v", steps=1, extra=extra + [
+            "train.preserve_weight=1", "train.prediction_type=v_prediction"]))
 
 
 def test_foreground_weight_puts_the_loss_on_the_object(micro_model, micro_data, tmp_path):
@@ -270,11 +273,11 @@ def test_foreground_weight_puts_the_loss_on_the_object(micro_model, micro_data, 
     from training.train import setup
 
     scene = {"background": "gray", "objects": [{"shape": "square", "colour": "red", "size": "large",
-                                                 "position": "top left"}]}
+                                                 "position": "top right"}]}
     img = torch.from_numpy(__import__("numpy").array(render_scene(scene, size=64)))[None]
     mask = foreground_mask(img, 16)[0, 0]
     assert 0.1 < mask.mean().item() < 0.25  # the square (7 x 7 cells of 16 x 16), not the background
-    assert mask[:8, :8].sum() == mask.sum()  # all of it in the top-left quarter
+    assert mask[:8, 8:].sum() == mask.sum()  # all of it in the top-right quarter (rows are y)
     # all-ones weights are the plain loss; weights on one cell give that cell's error alone
     model = LatentDiffusion(load_components(str(micro_model)))
     latents, emb = torch.randn(4, 4, 8, 8), model.encode_text(["a red circle"] * 4).detach()
@@ -284,10 +287,32 @@ def test_foreground_weight_puts_the_loss_on_the_object(micro_model, micro_data, 
         return model.loss(latents, emb, pixel_weights=w).item()
     one_cell = torch.zeros(4, 1, 8, 8)
     one_cell[:, :, 3, 3] = 1.0
-    assert loss(torch.ones(4, 1, 8, 8)) == pytest.approx(loss(None))
+    assert loss(torch.ones(4, 1, 8, 8)) == pytest.approx(loss(None)) == pytest.approx(loss(3 * torch.ones(4, 1, 8, 8)))
+    assert loss(one_cell) == pytest.approx(loss(5 * one_cell))  # a weighted mean: the scale cancels
     assert loss(one_cell) != pytest.approx(loss(None), rel=1e-3)
     # a run builds the weights from its images: w on the object, 1 on the background
     run = setup(_cfg(micro_model, micro_data, tmp_path / "fg", steps=1, extra=["train.foreground_weight=4"]))
     w, hw = run.fg_weights, run.lat_mean.shape[-1]
     assert w.shape == (len(run.data.captions), 1, hw, hw) and set(w.unique().tolist()) == {1.0, 4.0}
     assert torch.equal(w[:3], 1 + 3 * foreground_mask(run.pixels[:3], hw))
+
+
+def test_train_step_passes_the_replay_mask_and_the_object_weights(micro_model, micro_data, tmp_path):
+    from training.train import setup, train_step
+
+    extra = ["train.focus_words=[Circle]", "train.preserve_weight=1", "train.foreground_weight=4"]
+    run = setup(_cfg(micro_model, micro_data, tmp_path / "s", steps=1, extra=extra))
+    start = _unet_weights(micro_model)
+    assert all(torch.equal(p.detach().to(start[n].dtype), start[n]) for n, p in run.teacher.unet.named_parameters())
+    seen, real = {}, run.model.loss
+
+    def spy(latents, emb, focus, focus_weighting, preserve, weights):
+        seen.update(focus=focus, preserve=preserve, weights=weights)
+        return real(latents, emb, focus, focus_weighting, preserve, weights)
+    run.model.loss = spy
+    train_step(run, 0)
+    idx = run.batch_indices(0)
+    replayed = ["circle" not in run.data.captions[i] for i in idx]  # the focus word matches in any case
+    assert any(replayed) and not all(replayed)
+    assert seen["preserve"][2].tolist() == replayed and seen["preserve"][0] is run.teacher.unet
+    assert torch.equal(seen["weights"], run.fg_weights[idx])

@@ -123,7 +123,8 @@ class LatentDiffusion:
         """
         noise = torch.randn_like(latents)
         if self.noise_offset:  # lets the model shift mean brightness (flat backgrounds)
-            noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
+            noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                            device=latents.device)
         bsz = latents.shape[0]
         sched = self.noise_scheduler
         if self.timestep_weights is None:
@@ -151,8 +152,8 @@ class LatentDiffusion:
         loss = per.mean()
         if preserve is not None:
             teacher, teacher_emb, mask, weight = preserve
-            mask = mask.to(latents.device)
-            if mask.any():
+            if mask.any():  # checked on the host: no device sync
+                mask = mask.to(latents.device)
                 with torch.no_grad():
                     want = teacher(noisy[mask], t[mask], teacher_emb[mask], return_dict=False)[0]
                 loss = loss + weight * F.mse_loss(pred[mask].float(), want.float(), reduction="sum") \

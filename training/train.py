@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -327,6 +328,14 @@ class Run:
                                 "(or data.synthetic.focus)")
         if t.preserve_weight and t.what not in ("unet", "lora"):
             raise UserError("train.preserve_weight distils the UNet: it needs train.what=unet or lora")
+        start = comps.noise_scheduler.config
+        if t.preserve_weight and ((t.prediction_type or start.prediction_type) != start.prediction_type or
+                                  (t.zero_terminal_snr and not start.get("rescale_betas_zero_snr", False))):
+            raise UserError("train.preserve_weight distils the starting model, which predicts "
+                            f"{start.prediction_type} on its own noise schedule: change train.prediction_type / "
+                            "train.zero_terminal_snr in a stage of its own first, then preserve from that model")
+        for m in (comps.vae, comps.text_encoder, comps.unet):  # frozen parts too; prepare() moves only trained ones
+            m.to(self.acc.device)
         self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
                                      (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier),
                                      t.snr_weighting)
@@ -382,7 +391,7 @@ class Run:
             means, stds = [], []
             for i in tqdm(range(0, len(pixels), 64), desc="caching latents", leave=False,
                           disable=not self.acc.is_local_main_process):
-                m, s = self.model.encode_images(to_pixels(pixels[i:i + 64]))
+                m, s = self.model.encode_images(to_pixels(pixels[i:i + 64]).to(self.acc.device))
                 means.append(m)
                 stds.append(s)
             self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
@@ -407,9 +416,10 @@ class Run:
 
     def focus_mask(self, idx: np.ndarray) -> torch.Tensor | None:
         """Which images of the micro-batch teach something new (their caption holds a focus word)."""
-        if not (self.cfg.train.focus_snr_weighting or self.teacher):
+        if not self.cfg.train.focus_snr_weighting and self.teacher is None:
             return None
-        return torch.tensor([bool(self.focus_words & set(self.data.captions[i].replace(",", " ").split()))
+        words = {w.lower() for w in self.focus_words}
+        return torch.tensor([bool(words & set(re.findall(r"[a-z0-9]+", self.data.captions[i].lower())))
                              for i in idx])
 
     def batch(self, idx: np.ndarray):
@@ -420,12 +430,12 @@ class Run:
         drop = torch.rand(len(captions)) < t.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         if t.what == "vae":
-            return to_pixels(self.pixels[idx]), None
+            return to_pixels(self.pixels[idx]).to(self.acc.device), None
         if self.cache_latents:
             latents = self.model.sample_latents(self.lat_mean[idx], self.lat_std[idx])
         else:
             with torch.no_grad():
-                m, s = self.model.encode_images(to_pixels(self.pixels[idx]))
+                m, s = self.model.encode_images(to_pixels(self.pixels[idx]).to(self.acc.device))
             latents = self.model.sample_latents(m, s)
         if self.cache_text:
             emb = self.text_cache[[self.caption_index[c] for c in captions]]
