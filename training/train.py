@@ -321,7 +321,7 @@ class Run:
         if "min_snr_plus_one" in (t.snr_weighting, t.focus_snr_weighting) and not v_prediction:
             raise UserError("min_snr_plus_one weighting needs v-prediction (set train.prediction_type="
                             "v_prediction, or use min_snr)")
-        self.focus_words = set(t.focus_words or (cfg.data.synthetic.focus if cfg.data.synthetic else []))
+        self.focus_words = {w.lower() for w in t.focus_words or (cfg.data.synthetic.focus if cfg.data.synthetic else [])}
         for key in ("focus_snr_weighting", "preserve_weight"):
             if getattr(t, key) and not self.focus_words:
                 raise UserError(f"train.{key} needs the focus words: set train.focus_words "
@@ -418,8 +418,7 @@ class Run:
         """Which images of the micro-batch teach something new (their caption holds a focus word)."""
         if not self.cfg.train.focus_snr_weighting and self.teacher is None:
             return None
-        words = {w.lower() for w in self.focus_words}
-        return torch.tensor([bool(words & set(re.findall(r"[a-z0-9]+", self.data.captions[i].lower())))
+        return torch.tensor([bool(self.focus_words & set(re.findall(r"[a-z0-9]+", self.data.captions[i].lower())))
                              for i in idx])
 
     def batch(self, idx: np.ndarray):
