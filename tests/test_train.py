@@ -316,3 +316,21 @@ def test_train_step_passes_the_replay_mask_and_the_object_weights(micro_model, m
     assert any(replayed) and not all(replayed)
     assert seen["preserve"][2].tolist() == replayed and seen["preserve"][0] is run.teacher.unet
     assert torch.equal(seen["weights"], run.fg_weights[idx])
+
+
+def test_ema_decay_applies_from_the_first_step_without_warmup(micro_model, micro_data, tmp_path):
+    # diffusers' warm-up caps the decay at (1 + s) / (10 + s): 0.4 at the 6th step, whatever ema_decay says
+    start = _unet_weights(micro_model)
+    extra = ["train.learning_rate=3e-3", "train.lr_scheduler=constant", "checkpoint.every=100"]
+    moved, reports = {}, {}
+    for name, ema in {"none": ["train.ema_decay=null"], "warmup": ["train.ema_decay=0.999"],
+                      "constant": ["train.ema_decay=0.999", "train.ema_warmup=false"]}.items():
+        out = tmp_path / name
+        reports[name] = main(_cfg(micro_model, micro_data, out, steps=6, extra=extra + ema))
+        saved = _unet_weights(out / "model")
+        moved[name] = sum((saved[k].float() - start[k].float()).pow(2).sum().item() for k in start)
+    assert reports["none"]["ema_decay_last"] is None
+    assert reports["warmup"]["ema_decay_last"] == pytest.approx(6 / 15)
+    assert reports["constant"]["ema_decay_last"] == pytest.approx(0.999)
+    # the saved model is the average: held near the start at 0.999, close to the last weights with the warm-up
+    assert moved["constant"] < 0.3 * moved["warmup"] < 0.3 * moved["none"]

@@ -105,7 +105,11 @@ class TrainArgs(Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision (fp16 needs a GPU)."""
     ema_decay: float | None = None
-    """If set, keep an EMA of the trained weights with this decay and save it."""
+    """If set, keep an EMA of the trained weights with this decay and save it (and sample from it)."""
+    ema_warmup: bool = True
+    """With ema_decay: diffusers' warm-up, where the decay at step s is min(ema_decay, (1 + s) / (10 + s)), so the
+    starting weights fade fast; a decay of 0.995 is then only reached after 1,790 steps (0.987 at step 700).
+    false applies ema_decay from the first step (at 0.995 the starting weights still count 3% after 700 steps)."""
     snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (5.0 is the paper's choice); null disables."""
     snr_weighting: Literal["min_snr", "min_snr_plus_one"] = "min_snr"
@@ -475,8 +479,13 @@ def setup(cfg: TrainConfig) -> Run:
     for name, m in zip(names, mods):
         setattr(run.model, name, m)
     if t.ema_decay:
-        run.ema = EMAModel(params, decay=t.ema_decay)
+        # min_decay = decay turns diffusers' (1 + s) / (10 + s) warm-up off
+        run.ema = EMAModel(params, decay=t.ema_decay, min_decay=0.0 if t.ema_warmup else t.ema_decay)
         acc.register_for_checkpointing(run.ema)
+        reached = (1 + t.max_steps) / (10 + t.max_steps)
+        if t.ema_warmup and reached < t.ema_decay:
+            acc.print(f"note: with train.ema_warmup the EMA decay reaches only {reached:.4f} by step {t.max_steps}, "
+                      f"not train.ema_decay={t.ema_decay}; set train.ema_warmup=false to use {t.ema_decay} throughout")
     if run.resume is not None:
         try:
             acc.load_state(str(run.resume))
@@ -571,6 +580,7 @@ def run_loop(run: Run) -> dict:
     return {"steps": run.global_step, "steps_this_run": run.global_step - start_step, "wall_time_s": round(wall, 2),
             "images_per_s": round(images_seen / wall, 2) if wall > 0 else None, "final_loss": last_loss,
             "num_processes": acc.num_processes, "num_images": len(run.data.captions),
+            "ema_decay_last": round(run.ema.cur_decay_value, 6) if run.ema is not None and run.ema.cur_decay_value else None,
             "skipped_images": run.data.skipped,
             "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
 
