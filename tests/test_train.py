@@ -334,3 +334,31 @@ def test_ema_decay_applies_from_the_first_step_without_warmup(micro_model, micro
     assert reports["constant"]["ema_decay_last"] == pytest.approx(0.999)
     # the saved model is the average: held near the start at 0.999, close to the last weights with the warm-up
     assert moved["constant"] < 0.3 * moved["warmup"] < 0.3 * moved["none"]
+
+
+def test_focus_token_learning_rate_moves_only_the_focus_words_embeddings(micro_model, micro_data, tmp_path):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from training.errors import UserError
+    from training.train import setup
+
+    extra = ["train.train_text_encoder=true", "train.focus_words=[Circle]", "train.text_encoder_learning_rate=1e-4",
+             "train.focus_token_learning_rate=1e-2", "train.ema_decay=null"]
+    run = setup(_cfg(micro_model, micro_data, tmp_path / "s", steps=1, extra=extra))
+    *_, tokens = run.optimizer.param_groups
+    assert tokens["lr"] == pytest.approx(1e-2) and tokens["weight_decay"] == 0.0
+    assert tokens["params"][0] is run.model.text_encoder.get_input_embeddings().weight
+    main(_cfg(micro_model, micro_data, tmp_path / "r", steps=3, extra=extra))
+    ids = [i for i in CLIPTokenizer.from_pretrained(micro_model / "tokenizer")("circle").input_ids[1:-1]]
+
+    def embeddings(path):
+        return CLIPTextModel.from_pretrained(path / "text_encoder").get_input_embeddings().weight.detach().float()
+    before, after = embeddings(micro_model), embeddings(tmp_path / "r" / "model")
+    moved = (after - before).norm(dim=1)
+    assert moved[ids].min() > 0.01  # three AdamW steps at 1e-2 move each coordinate by up to 0.03
+    others = torch.ones(len(moved), dtype=torch.bool)
+    others[ids] = False
+    assert moved[others].max() < 1e-3  # the rest only by the fp16 round trip of the saved model
+    with pytest.raises(UserError, match="train_text_encoder"):
+        setup(_cfg(micro_model, micro_data, tmp_path / "n", steps=1, extra=["train.focus_words=[circle]",
+                                                                            "train.focus_token_learning_rate=1e-2"]))

@@ -84,6 +84,10 @@ class TrainArgs(Strict):
     text_encoder_learning_rate: float | None = Field(None, gt=0)
     """Peak learning rate of the text encoder (null: train.learning_rate). A fine-tune that teaches
     new words may need it higher: their embeddings start where the base left unseen tokens."""
+    focus_token_learning_rate: float | None = Field(None, gt=0)
+    """Textual-inversion style: a learning rate of their own (no weight decay) for the input embeddings of
+    the focus words' tokens, which start untrained when the base never saw the words; every other token
+    embedding is then frozen. Needs train.train_text_encoder and the focus words."""
     max_steps: int = Field(1000, ge=1)
     """Optimizer steps to run."""
     batch_size: int = Field(16, ge=1)
@@ -254,12 +258,28 @@ def _find_checkpoint(ckpt_dir: Path, resume_from: str | None) -> Path | None:
     return done[-1] if done else None
 
 
-def _param_groups(cfg: TrainConfig, trainable: list[torch.nn.Module], text_encoder: torch.nn.Module) -> list[dict]:
-    """One optimizer group per trained module; the text encoder may have its own LR."""
+def _param_groups(cfg: TrainConfig, trainable: list[torch.nn.Module], text_encoder: torch.nn.Module,
+                  focus_token_ids: list[int] = ()) -> list[dict]:
+    """One optimizer group per trained module; the text encoder may have its own LR, and the focus words'
+    token embeddings a group of their own (train.focus_token_learning_rate)."""
     t = cfg.train
-    return [{"params": [p for p in m.parameters() if p.requires_grad],
-             "lr": (t.text_encoder_learning_rate or t.learning_rate) if m is text_encoder else t.learning_rate}
-            for m in trainable]
+    tokens = text_encoder.get_input_embeddings().weight if t.focus_token_learning_rate else None
+    groups = [{"params": [p for p in m.parameters() if p.requires_grad and p is not tokens],
+               "lr": (t.text_encoder_learning_rate or t.learning_rate) if m is text_encoder else t.learning_rate}
+              for m in trainable]
+    if tokens is not None:
+        rows = torch.zeros(tokens.shape[0], 1, dtype=tokens.dtype, device=tokens.device)
+        rows[list(focus_token_ids)] = 1.0
+        tokens.register_hook(lambda g: g * rows)  # the other rows get no gradient, hence no AdamW step
+        groups.append({"params": [tokens], "lr": t.focus_token_learning_rate, "weight_decay": 0.0})
+    return groups
+
+
+def _focus_token_ids(run: "Run") -> list[int]:
+    """The tokenizer's ids of the focus words (each may be several BPE pieces), without special tokens."""
+    tok = run.model.tokenizer
+    special = set(tok.all_special_ids)
+    return sorted({i for w in run.focus_words for i in tok(w).input_ids if i not in special})
 
 
 def _optimizer(cfg: TrainConfig, groups: list[dict]):
@@ -326,7 +346,10 @@ class Run:
             raise UserError("min_snr_plus_one weighting needs v-prediction (set train.prediction_type="
                             "v_prediction, or use min_snr)")
         self.focus_words = {w.lower() for w in t.focus_words or (cfg.data.synthetic.focus if cfg.data.synthetic else [])}
-        for key in ("focus_snr_weighting", "preserve_weight"):
+        if t.focus_token_learning_rate and not (t.train_text_encoder and t.what != "vae"):
+            raise UserError("train.focus_token_learning_rate trains the text encoder's embeddings: "
+                            "set train.train_text_encoder=true")
+        for key in ("focus_snr_weighting", "preserve_weight", "focus_token_learning_rate"):
             if getattr(t, key) and not self.focus_words:
                 raise UserError(f"train.{key} needs the focus words: set train.focus_words "
                                 "(or data.synthetic.focus)")
@@ -468,7 +491,8 @@ def setup(cfg: TrainConfig) -> Run:
         run.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run.out / "config.yaml")
     run.build_caches()
-    groups = _param_groups(cfg, run.trainable, run.model.text_encoder)
+    groups = _param_groups(cfg, run.trainable, run.model.text_encoder,
+                           _focus_token_ids(run) if t.focus_token_learning_rate else ())
     params = [p for g in groups for p in g["params"]]
     run.optimizer = _optimizer(cfg, groups)
     run.lr_scheduler = get_scheduler(t.lr_scheduler, run.optimizer, num_warmup_steps=t.warmup_steps * acc.num_processes,
