@@ -343,7 +343,7 @@ def test_focus_token_learning_rate_moves_only_the_focus_words_embeddings(micro_m
     from training.train import setup
 
     extra = ["train.train_text_encoder=true", "train.focus_words=[Circle]", "train.text_encoder_learning_rate=1e-4",
-             "train.focus_token_learning_rate=1e-2", "train.ema_decay=null"]
+             "train.focus_token_learning_rate=1e-2", "train.ema_decay=0.5", "train.ema_warmup=false"]
     run = setup(_cfg(micro_model, micro_data, tmp_path / "s", steps=1, extra=extra))
     *_, tokens = run.optimizer.param_groups
     assert tokens["lr"] == pytest.approx(1e-2) and tokens["weight_decay"] == 0.0

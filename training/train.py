@@ -504,6 +504,7 @@ def setup(cfg: TrainConfig) -> Run:
         setattr(run.model, name, m)
     if t.ema_decay:
         # min_decay = decay turns diffusers' (1 + s) / (10 + s) warm-up off
+        run.ema_params = params  # the order the EMA keeps its copies in
         run.ema = EMAModel(params, decay=t.ema_decay, min_decay=0.0 if t.ema_warmup else t.ema_decay)
         acc.register_for_checkpointing(run.ema)
         reached = (1 + t.max_steps) / (10 + t.max_steps)
@@ -584,7 +585,7 @@ def run_loop(run: Run) -> dict:
                                    f"Last good checkpoint: {last or 'none'}. Lower train.learning_rate or use "
                                    "train.mixed_precision=no.")
         if run.ema is not None:
-            run.ema.step([p for m in run.trainable for p in m.parameters() if p.requires_grad])
+            run.ema.step(run.ema_params)
         run.global_step += 1
         last_loss = loss_val
         bar.update(1)
@@ -642,7 +643,7 @@ def _with_ema(run: Run):
         if run.ema is None:
             yield
             return
-        params = [p for m in run.trainable for p in m.parameters() if p.requires_grad]
+        params = run.ema_params
         run.ema.store(params)
         run.ema.copy_to(params)
         try:
