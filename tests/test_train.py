@@ -359,6 +359,13 @@ def test_focus_token_learning_rate_moves_only_the_focus_words_embeddings(micro_m
     others = torch.ones(len(moved), dtype=torch.bool)
     others[ids] = False
     assert moved[others].max() < 1e-3  # the rest only by the fp16 round trip of the saved model
-    with pytest.raises(UserError, match="train_text_encoder"):
-        setup(_cfg(micro_model, micro_data, tmp_path / "n", steps=1, extra=["train.focus_words=[circle]",
-                                                                            "train.focus_token_learning_rate=1e-2"]))
+    # with the text encoder otherwise frozen, the focus rows are the only weights of it that move
+    frozen = [e for e in extra if not e.startswith("train.train_text_encoder")]
+    main(_cfg(micro_model, micro_data, tmp_path / "f", steps=3, extra=frozen))
+    te0 = CLIPTextModel.from_pretrained(micro_model / "text_encoder").state_dict()
+    te1 = CLIPTextModel.from_pretrained(tmp_path / "f" / "model" / "text_encoder").state_dict()
+    changed = {k for k in te0 if (te1[k].float() - te0[k].float()).abs().max() > 1e-3}
+    assert [k.split(".")[-3:] for k in changed] == [["embeddings", "token_embedding", "weight"]]
+    assert (embeddings(tmp_path / "f" / "model") - before).norm(dim=1)[ids].min() > 0.01
+    with pytest.raises(UserError, match="focus words"):
+        setup(_cfg(micro_model, micro_data, tmp_path / "n", steps=1, extra=["train.focus_token_learning_rate=1e-2"]))

@@ -87,7 +87,8 @@ class TrainArgs(Strict):
     focus_token_learning_rate: float | None = Field(None, gt=0)
     """Textual-inversion style: a learning rate of their own (no weight decay) for the input embeddings of
     the focus words' tokens, which start untrained when the base never saw the words; every other token
-    embedding is then frozen. Needs train.train_text_encoder and the focus words."""
+    embedding is then frozen. Needs the focus words. With train.train_text_encoder false the rest of the
+    text encoder stays frozen, so the known words' text states do not move at all."""
     max_steps: int = Field(1000, ge=1)
     """Optimizer steps to run."""
     batch_size: int = Field(16, ge=1)
@@ -267,6 +268,7 @@ def _param_groups(cfg: TrainConfig, trainable: list[torch.nn.Module], text_encod
     groups = [{"params": [p for p in m.parameters() if p.requires_grad and p is not tokens],
                "lr": (t.text_encoder_learning_rate or t.learning_rate) if m is text_encoder else t.learning_rate}
               for m in trainable]
+    groups = [g for g in groups if g["params"]]
     if tokens is not None:
         rows = torch.zeros(tokens.shape[0], 1, dtype=tokens.dtype, device=tokens.device)
         rows[list(focus_token_ids)] = 1.0
@@ -346,9 +348,10 @@ class Run:
             raise UserError("min_snr_plus_one weighting needs v-prediction (set train.prediction_type="
                             "v_prediction, or use min_snr)")
         self.focus_words = {w.lower() for w in t.focus_words or (cfg.data.synthetic.focus if cfg.data.synthetic else [])}
-        if t.focus_token_learning_rate and not (t.train_text_encoder and t.what != "vae"):
+        if t.focus_token_learning_rate and t.what == "vae":
             raise UserError("train.focus_token_learning_rate trains the text encoder's embeddings: "
-                            "set train.train_text_encoder=true")
+                            "it needs train.what=unet or lora")
+        trains_text = t.train_text_encoder or bool(t.focus_token_learning_rate)
         for key in ("focus_snr_weighting", "preserve_weight", "focus_token_learning_rate"):
             if getattr(t, key) and not self.focus_words:
                 raise UserError(f"train.{key} needs the focus words: set train.focus_words "
@@ -367,11 +370,11 @@ class Run:
                                      (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier),
                                      t.snr_weighting)
         # the teacher is the model as it starts (copied before any LoRA adapter is added)
-        self.teacher = _frozen_copy(comps.unet, comps.text_encoder if t.train_text_encoder else None,
+        self.teacher = _frozen_copy(comps.unet, comps.text_encoder if trains_text else None,
                                     self.acc.device) if t.preserve_weight else None
         self.trainable = self._select_trainable(comps)
         self.cache_latents = t.cache and t.what != "vae"
-        self.cache_text = t.cache and t.what != "vae" and not t.train_text_encoder
+        self.cache_text = t.cache and t.what != "vae" and not trains_text
         self.steps_per_epoch = max(1, len(self.data.captions) // (t.batch_size * self.acc.num_processes))
         self.global_step = 0
         self.ema = None
@@ -397,6 +400,9 @@ class Run:
         mods.append(comps.unet)
         if t.train_text_encoder:
             comps.text_encoder.requires_grad_(True)
+            mods.append(comps.text_encoder)
+        elif t.focus_token_learning_rate:  # the token embeddings alone (only the focus words' rows move)
+            comps.text_encoder.get_input_embeddings().weight.requires_grad_(True)
             mods.append(comps.text_encoder)
         return mods
 
