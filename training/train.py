@@ -378,6 +378,7 @@ class Run:
         self.steps_per_epoch = max(1, len(self.data.captions) // (t.batch_size * self.acc.num_processes))
         self.global_step = 0
         self.ema = None
+        self.ema_params: list[torch.nn.Parameter] = []  # the order the EMA keeps its copies in
 
     # ---------------------------------------------------------------- which weights
     def _select_trainable(self, comps) -> list[torch.nn.Module]:
@@ -510,10 +511,10 @@ def setup(cfg: TrainConfig) -> Run:
         setattr(run.model, name, m)
     if t.ema_decay:
         # min_decay = decay turns diffusers' (1 + s) / (10 + s) warm-up off
-        run.ema_params = params  # the order the EMA keeps its copies in
+        run.ema_params = params
         run.ema = EMAModel(params, decay=t.ema_decay, min_decay=0.0 if t.ema_warmup else t.ema_decay)
         acc.register_for_checkpointing(run.ema)
-        reached = (1 + t.max_steps) / (10 + t.max_steps)
+        reached = run.ema.get_decay(t.max_steps)  # diffusers' own schedule, at the last step
         if t.ema_warmup and reached < t.ema_decay:
             acc.print(f"note: with train.ema_warmup the EMA decay reaches only {reached:.4f} by step {t.max_steps}, "
                       f"not train.ema_decay={t.ema_decay}; set train.ema_warmup=false to use {t.ema_decay} throughout")
@@ -611,7 +612,7 @@ def run_loop(run: Run) -> dict:
     return {"steps": run.global_step, "steps_this_run": run.global_step - start_step, "wall_time_s": round(wall, 2),
             "images_per_s": round(images_seen / wall, 2) if wall > 0 else None, "final_loss": last_loss,
             "num_processes": acc.num_processes, "num_images": len(run.data.captions),
-            "ema_decay_last": round(run.ema.cur_decay_value, 6) if run.ema is not None and run.ema.cur_decay_value else None,
+            "ema_decay_last": None if run.ema is None or run.ema.cur_decay_value is None else round(run.ema.cur_decay_value, 6),
             "skipped_images": run.data.skipped,
             "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
 
