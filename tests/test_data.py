@@ -45,6 +45,35 @@ def test_exclude_and_focus(tmp_path):
         WorldSpec(exclude=("dodecahedron",))
 
 
+def test_contrast_replays_the_nearest_known_concepts_more_often(tmp_path):
+    from training.data import synthetic_spec_matches
+
+    def shares(spec, n=3000):
+        rng = random.Random(3)
+        objs = [sample_scene(rng, spec)["objects"][0] for _ in range(n)]
+        return {v: sum(v in (o["shape"], o["colour"]) for o in objs) / n for v in ("pink", "cross", "red", "purple")}
+    focus = dict(focus=("star", "purple"), focus_fraction=0.5)
+    plain, contrast = shares(WorldSpec(**focus)), shares(WorldSpec(**focus, contrast=("pink", "cross"),
+                                                                    contrast_fraction=0.3))
+    # 15% forced each, plus the free draws: 1/9 of the colours of the star, uniform and cross images (25%,
+    # 20%, 15%), 1/6 of the shapes of the purple, uniform and pink images; without contrast the uniform share is 50%
+    assert contrast["pink"] == pytest.approx(0.15 + 0.60 / 9, abs=0.02)
+    assert contrast["cross"] == pytest.approx(0.15 + 0.60 / 6, abs=0.025)
+    assert plain["pink"] == pytest.approx(0.75 / 9, abs=0.015) and plain["cross"] == pytest.approx(0.75 / 6, abs=0.02)
+    assert contrast["purple"] == pytest.approx(plain["purple"], abs=0.03)  # the focus share is untouched
+    assert contrast["red"] < plain["red"]  # the contrast images come out of the uniform replay
+    # a folder rendered without contrast still matches its settings (its record has no contrast keys) ...
+    generate_dataset(tmp_path / "d", n=4, seed=1, size=32, spec=WorldSpec(**focus))
+    assert synthetic_spec_matches(tmp_path / "d", 4, 1, 32, WorldSpec(**focus)) is True
+    # ... and is rendered again when contrast is added
+    assert synthetic_spec_matches(tmp_path / "d", 4, 1, 32, WorldSpec(**focus, contrast=("pink",),
+                                                                       contrast_fraction=0.1)) is False
+    with pytest.raises(UserError, match="also focused"):
+        WorldSpec(**focus, contrast=("star",), contrast_fraction=0.1)
+    with pytest.raises(UserError, match="contrast_fraction"):
+        WorldSpec(**focus, contrast=("pink",), contrast_fraction=0.6)
+
+
 @pytest.mark.parametrize("max_shapes", [1, 2])
 def test_captions_round_trip_through_parser(max_shapes):
     rng = random.Random(1)

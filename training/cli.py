@@ -36,7 +36,8 @@ def _config_help(cls) -> str:
 def cmd_data(args) -> None:
     from training.data import WorldSpec, generate_dataset
 
-    spec = WorldSpec(tuple(_csv(args.exclude)), tuple(_csv(args.focus)), args.focus_fraction, args.max_shapes)
+    spec = WorldSpec(tuple(_csv(args.exclude)), tuple(_csv(args.focus)), args.focus_fraction, args.max_shapes,
+                     tuple(_csv(args.contrast)), args.contrast_fraction)
     out = generate_dataset(args.out, args.n, args.seed, args.size, spec, overwrite=args.overwrite)
     print(f"wrote {args.n} images + metadata.jsonl to {out}")
 
@@ -174,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--focus", help="comma-separated concepts to steer images towards (fine-tune data)")
     s.add_argument("--focus-fraction", type=float, default=1.0,
                    help="share of images with a focus concept (the rest replay the whole world)")
+    s.add_argument("--contrast", help="comma-separated known concepts to replay more often: those nearest to the "
+                   "focus ones, e.g. pink,cross next to purple,star")
+    s.add_argument("--contrast-fraction", type=float, default=0.0,
+                   help="share of images with a contrast concept (at most 1 - focus fraction)")
     s.add_argument("--max-shapes", type=int, default=1, help="up to this many shapes per image (1-3)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     s.set_defaults(func=cmd_data)

@@ -70,9 +70,11 @@ class WorldSpec:
     focus: tuple[str, ...] = ()
     focus_fraction: float = 1.0
     max_shapes: int = 1
+    contrast: tuple[str, ...] = ()
+    contrast_fraction: float = 0.0
 
     def __post_init__(self):
-        unknown = (set(self.exclude) | set(self.focus)) - concept_vocabulary()
+        unknown = (set(self.exclude) | set(self.focus) | set(self.contrast)) - concept_vocabulary()
         if unknown:
             raise UserError(f"unknown concept(s) {sorted(unknown)}; "
                             f"known: {sorted(concept_vocabulary())}")
@@ -81,11 +83,20 @@ class WorldSpec:
                             f"{sorted(set(self.exclude) & set(self.focus))}")
         if not 0.0 <= self.focus_fraction <= 1.0:
             raise UserError("focus_fraction must be between 0 and 1")
+        if set(self.contrast) & (set(self.focus) | set(self.exclude)):
+            raise UserError(f"contrast concepts are known ones replayed more often; these are also focused or "
+                            f"excluded: {sorted(set(self.contrast) & (set(self.focus) | set(self.exclude)))}")
+        if not 0.0 <= self.contrast_fraction <= 1.0 - self._focus_share():
+            raise UserError(f"contrast_fraction must be between 0 and 1 - focus_fraction "
+                            f"({1.0 - self._focus_share():g} here)")
         if self.max_shapes < 1 or self.max_shapes > 3:
             raise UserError("max_shapes must be 1, 2 or 3")
         for attr in ("shape", "colour"):
             if not self.allowed(attr):
                 raise UserError(f"every {attr} is excluded; nothing left to draw")
+
+    def _focus_share(self) -> float:
+        return self.focus_fraction if self.focus else 0.0
 
     def allowed(self, attr: str) -> list[str]:
         return [v for v in ATTRIBUTES[attr] if v not in self.exclude]
@@ -93,15 +104,18 @@ class WorldSpec:
 
 def sample_scene(rng: random.Random, spec: WorldSpec) -> dict:
     """Draw the attributes of one image: a background and 1..max_shapes objects."""
-    want_focus = bool(spec.focus) and rng.random() < spec.focus_fraction
+    u = rng.random() if spec.focus or spec.contrast else 1.0  # no draw without either: old datasets stay the same
+    want_focus = bool(spec.focus) and u < spec.focus_fraction
+    want_contrast = bool(spec.contrast) and not want_focus and u < spec._focus_share() + spec.contrast_fraction
+    steer = spec.focus if want_focus else spec.contrast if want_contrast else ()
     n = rng.randint(1, spec.max_shapes)
     positions = rng.sample(spec.allowed("position"), k=min(n, len(spec.allowed("position"))))
     objects = []
     for i, pos in enumerate(positions):
         obj = {"shape": rng.choice(spec.allowed("shape")), "colour": rng.choice(spec.allowed("colour")),
                "size": rng.choice(spec.allowed("size")), "position": pos}
-        if i == 0 and want_focus:
-            concept = rng.choice(list(spec.focus))
+        if i == 0 and steer:
+            concept = rng.choice(list(steer))
             attr = next(a for a, vs in ATTRIBUTES.items() if concept in vs)
             if attr in obj:
                 obj[attr] = concept
@@ -110,8 +124,8 @@ def sample_scene(rng: random.Random, spec: WorldSpec) -> dict:
         for obj in objects:
             obj["size"] = "small" if "small" in spec.allowed("size") else obj["size"]
     backgrounds = spec.allowed("background")
-    if want_focus and any(c in spec.focus for c in backgrounds):
-        background = rng.choice([c for c in backgrounds if c in spec.focus])
+    if steer and any(c in steer for c in backgrounds):
+        background = rng.choice([c for c in backgrounds if c in steer])
     else:
         background = rng.choice(backgrounds)
     return {"background": background, "objects": objects}
@@ -228,7 +242,10 @@ SPEC_FILE = ".t2i-synthetic.json"  # hidden: imagefolder loading skips it
 
 def _spec_record(n: int, seed: int, size: int, spec: WorldSpec) -> dict:
     return {"n": n, "seed": seed, "size": size, "exclude": sorted(spec.exclude), "focus": sorted(spec.focus),
-            "focus_fraction": spec.focus_fraction, "max_shapes": spec.max_shapes}
+            "focus_fraction": spec.focus_fraction, "max_shapes": spec.max_shapes,
+            # only when set, so that folders rendered before these settings existed still match
+            **({"contrast": sorted(spec.contrast), "contrast_fraction": spec.contrast_fraction}
+               if spec.contrast else {})}
 
 
 def synthetic_spec_matches(folder: str | Path, n: int, seed: int, size: int, spec: WorldSpec) -> bool | None:

@@ -46,6 +46,12 @@ class SyntheticData(Strict):
     """Concepts each image is steered towards (for a fine-tune that teaches them)."""
     focus_fraction: float = 1.0
     """Share of images that contain a focus concept; the rest replay the whole world."""
+    contrast: list[str] = []
+    """Known concepts to replay more often: the nearest ones to the focus concepts, which a fine-tune tends
+    to draw the new concept for (pink drawn purple, a cross drawn as a star). Their images teach where the
+    new concept ends."""
+    contrast_fraction: float = 0.0
+    """Share of images that contain a contrast concept (taken from the replay; at most 1 - focus_fraction)."""
     max_shapes: int = 1
     """Up to this many shapes per image."""
 
@@ -229,7 +235,8 @@ def prepare_data(cfg: TrainConfig, resolution: int):
     d = cfg.data
     if d.synthetic is not None:
         s = d.synthetic
-        spec = WorldSpec(tuple(s.exclude), tuple(s.focus), s.focus_fraction, s.max_shapes)
+        spec = WorldSpec(tuple(s.exclude), tuple(s.focus), s.focus_fraction, s.max_shapes, tuple(s.contrast),
+                         s.contrast_fraction)
         if not Path(d.path).exists():
             generate_dataset(d.path, s.n, s.seed, s.size, spec)
         elif synthetic_spec_matches(d.path, s.n, s.seed, s.size, spec) is False:
