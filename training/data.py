@@ -86,7 +86,7 @@ class WorldSpec:
         if set(self.contrast) & (set(self.focus) | set(self.exclude)):
             raise UserError(f"contrast concepts are known ones replayed more often; these are also focused or "
                             f"excluded: {sorted(set(self.contrast) & (set(self.focus) | set(self.exclude)))}")
-        if not 0.0 <= self.contrast_fraction <= 1.0 - self._focus_share():
+        if not 0.0 <= self.contrast_fraction <= 1.0 - self._focus_share() + 1e-9:  # 1 - 0.9 < 0.1 in floats
             raise UserError(f"contrast_fraction must be between 0 and 1 - focus_fraction "
                             f"({1.0 - self._focus_share():g} here)")
         if self.max_shapes < 1 or self.max_shapes > 3:
