@@ -105,9 +105,12 @@ class WorldSpec:
 def sample_scene(rng: random.Random, spec: WorldSpec) -> dict:
     """Draw the attributes of one image: a background and 1..max_shapes objects."""
     u = rng.random() if spec.focus or spec.contrast else 1.0  # no draw without either: old datasets stay the same
-    want_focus = bool(spec.focus) and u < spec.focus_fraction
-    want_contrast = bool(spec.contrast) and not want_focus and u < spec._focus_share() + spec.contrast_fraction
-    steer = spec.focus if want_focus else spec.contrast if want_contrast else ()
+    if spec.focus and u < spec.focus_fraction:
+        steer = spec.focus
+    elif spec.contrast and u < spec._focus_share() + spec.contrast_fraction:
+        steer = spec.contrast
+    else:
+        steer = ()
     n = rng.randint(1, spec.max_shapes)
     positions = rng.sample(spec.allowed("position"), k=min(n, len(spec.allowed("position"))))
     objects = []
