@@ -157,7 +157,7 @@ def quality(entries: dict, images: dict[str, np.ndarray], items: list[dict], cfg
     kind = resolve_features(cfg.features)
     clf = load_classifier()  # adherence always; FID features too when kind == "domain"
     ecfg = EvalConfig(num_images=cfg.num_images, seed=cfg.seed, features=cfg.features)
-    ref = reference_images(items, ecfg.seed)
+    ref = reference_images(items, ecfg.seed, per_prompt=ecfg.reference_per_prompt)
     prompts = [it["prompt"] for it in items]
     base = images[BASELINE]
     base_fid = fid(base, ref, kind, clf)

@@ -3,6 +3,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from evaluation.classifier import load_classifier
 from evaluation.evaluate import EvalConfig, adherence, compare, prompt_set, reference_images
@@ -80,6 +81,17 @@ def test_prompt_set_is_fixed_and_split():
     assert reference_images(a, 0).shape == (20, 64, 64, 3)
 
 
+def test_reference_blocks_render_each_prompt_again_with_fresh_jitter(classifier):
+    items = prompt_set(EvalConfig(num_images=12, new_concepts=["star"]))
+    one, three = reference_images(items, 0), reference_images(items, 0, per_prompt=3)
+    assert three.shape == (36, 64, 64, 3)
+    assert np.array_equal(three[:12], one)  # the first block is the one-per-prompt set
+    assert not np.array_equal(three[12:24], one)  # later blocks: same scenes, other jitter
+    pred = classifier.predict(torch.from_numpy(three))
+    for b in range(3):  # every block shows each prompt's own shape
+        assert list(pred["shape"][b * 12:(b + 1) * 12]) == [it["scene"]["objects"][0]["shape"] for it in items]
+
+
 def test_compare_separates_known_and_new(micro_model, tmp_path):
     cfg = EvalConfig(num_images=8, new_concepts=["star"], steps=2, batch_size=8)
     report = compare(str(micro_model), str(micro_model), str(tmp_path / "cmp"), cfg)
@@ -90,3 +102,22 @@ def test_compare_separates_known_and_new(micro_model, tmp_path):
         assert row["adherence_before"] == row["adherence_after"]
         assert row["fid_before"] == pytest.approx(row["fid_after"])
     assert (tmp_path / "cmp" / "compare.json").exists() and (tmp_path / "cmp" / "before_after.png").exists()
+
+
+def test_compare_reuses_base_images_until_the_base_changes(micro_model, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(micro_model, base)
+    cfg = EvalConfig(num_images=4, new_concepts=["star"], steps=2, batch_size=4)
+    first = compare(str(micro_model), str(base), str(tmp_path / "a"), cfg)
+    again = compare(str(micro_model), str(base), str(tmp_path / "b"), cfg)
+    assert not first["base_images_cached"] and again["base_images_cached"]
+    assert again["summary"] == first["summary"]
+    assert len(list((tmp_path / "cache" / "eval-images").glob("*.npy"))) == 1
+    (base / "model_index.json").write_text((base / "model_index.json").read_text() + "\n")  # any edit of the base
+    changed = compare(str(micro_model), str(base), str(tmp_path / "c"), cfg)
+    assert not changed["base_images_cached"] and len(list((tmp_path / "cache" / "eval-images").glob("*.npy"))) == 2
+    other = compare(str(micro_model), str(base), str(tmp_path / "d"), cfg.model_copy(update={"steps": 3}))
+    assert not other["base_images_cached"]

@@ -75,7 +75,7 @@ def cmd_eval(args) -> None:
     cfg = load_config(EvalConfig, None, [], base={
         "num_images": args.num_images, "prompts": args.prompts, "new_concepts": _csv(args.new_concepts),
         "features": args.features, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-        "clip_model": args.clip_model})
+        "clip_model": args.clip_model, "reference_per_prompt": args.reference_per_prompt})
     if args.compare:
         report = compare(args.model, args.compare, args.out, cfg)
         print(format_table(report))
@@ -216,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", metavar="BASE_DIR", help="also evaluate this base model and compare")
     e.add_argument("--new-concepts", help="comma-separated concepts the fine-tune teaches, e.g. star,heart,purple")
     e.add_argument("--prompts", help="text file, one prompt per line (default: fixed set from the caption grammar)")
-    e.add_argument("--num-images", type=int, default=200, help="images per model")
+    e.add_argument("--num-images", type=int, default=800,
+                   help="images per model (with --new-concepts half known, half new); FID needs many: at 100 per "
+                        "split one model's FID moves by more than 10%% between prompt sets")
+    e.add_argument("--reference-per-prompt", type=int, default=10,
+                   help="real images rendered per prompt (fresh jitter each) for the FID reference statistics")
     e.add_argument("--features", default="auto", choices=["auto", "inception", "domain"],
                    help="FID feature extractor (auto: inception if its weights are on disk, else domain)")
     e.add_argument("--steps", type=int, default=20, help="sampling steps")
