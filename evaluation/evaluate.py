@@ -27,7 +27,7 @@ ADHERENCE_ATTRS = ("shape", "colour", "position")
 class EvalConfig(Strict):
     num_images: int = Field(800, ge=4, le=10000)
     """Images generated (one per prompt; with new_concepts, half known and half new). FID needs many: with 100
-    per split the known-concept FID of one model moved from +17% to +6% of its base's between 200 and 800 images."""
+    per split the known-concept FID change of one model moved from +17% to +10% between 200 and 800 images."""
     prompts: str | None = None
     """Text file with one prompt per line (default: a fixed set drawn from the caption grammar)."""
     new_concepts: list[str] = []
@@ -218,11 +218,14 @@ def generate_images(model: str, items: list[dict], cfg: EvalConfig, desc: str = 
     return np.concatenate(out)
 
 
+_IMAGE_CACHE_VERSION = 1  # bump when generate_images or load_pipeline changes what they draw
+
+
 def _dir_digest(root: Path) -> str:
-    """Content hash of every file under a model dir (names and bytes)."""
+    """Content hash of every file under a model dir (names, sizes and bytes)."""
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode())
+        h.update(f"{f.relative_to(root)}\0{f.stat().st_size}\0".encode())
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
@@ -241,15 +244,21 @@ def generate_cached(model: str, items: list[dict], cfg: EvalConfig, desc: str) -
     root = Path(model)
     if not root.is_dir():
         return generate_images(model, items, cfg, desc), False
+    import diffusers
+
     h = hashlib.sha256(_dir_digest(root).encode())
-    h.update(json.dumps([[it["prompt"] for it in items], cfg.steps, cfg.guidance, cfg.scheduler, cfg.seed,
+    # the libraries and this module's generation code decide the pixels too
+    h.update(json.dumps([_IMAGE_CACHE_VERSION, diffusers.__version__, torch.__version__,
+                         [it["prompt"] for it in items], cfg.steps, cfg.guidance, cfg.scheduler, cfg.seed,
                          cfg.batch_size]).encode())
     path = cache_dir().parent / "eval-images" / f"{h.hexdigest()[:24]}.npy"
     if path.is_file():
-        return np.load(path), True
+        images = np.load(path)
+        if len(images) == len(items):
+            return images, True
     images = generate_images(model, items, cfg, desc)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # one per process: concurrent evals don't collide
     np.save(tmp, images)
     os.replace(tmp, path)
     return images, False

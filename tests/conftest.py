@@ -26,6 +26,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Eval caches (FID reference statistics, base images) go to a fresh folder, not the user's ~/.cache."""
+    os.environ["T2I_CACHE"] = str(tmp_path_factory.mktemp("t2i-cache"))
+
+
 @pytest.fixture(scope="session")
 def micro_model(tmp_path_factory) -> Path:
     from training.presets import build_preset
