@@ -92,6 +92,25 @@ def test_reference_blocks_render_each_prompt_again_with_fresh_jitter(classifier)
         assert list(pred["shape"][b * 12:(b + 1) * 12]) == [it["scene"]["objects"][0]["shape"] for it in items]
 
 
+def test_split_fid_uses_each_split_s_own_reference_images_from_every_block(classifier):
+    from evaluation.evaluate import score_images
+
+    cfg = EvalConfig(num_images=24, new_concepts=["star"], reference_per_prompt=2)
+    items = prompt_set(cfg)
+    items.insert(3, {"prompt": "a photo of a cat", "scene": None, "split": "known"})  # outside the grammar: no scene
+    ref = reference_images(items, cfg.seed, per_prompt=2)
+    scene_items = [it for it in items if it["scene"] is not None]
+    assert len(ref) == 2 * len(scene_items)
+    images = np.concatenate([ref[:3], np.zeros((1, 64, 64, 3), np.uint8), ref[3:len(scene_items)]])
+    report = score_images(images, items, cfg, classifier)
+    assert report["reference_images"] == len(ref)
+    for split in ("known", "new"):
+        idx = [i for i, it in enumerate(items) if it["split"] == split]
+        own = [j for j, it in enumerate(scene_items) if it["split"] == split]
+        want = fid(images[idx], ref[own + [len(scene_items) + j for j in own]], "domain", classifier, cache=False)
+        assert report["splits"][split]["fid"] == pytest.approx(want, abs=1e-3)
+
+
 def test_compare_separates_known_and_new(micro_model, tmp_path):
     cfg = EvalConfig(num_images=8, new_concepts=["star"], steps=2, batch_size=8)
     report = compare(str(micro_model), str(micro_model), str(tmp_path / "cmp"), cfg)
