@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def cli(*args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
                          timeout=timeout)
     if res.returncode != 0:
         raise SystemExit(f"t2i {args[0]} failed:\n{res.stderr[-4000:]}")
@@ -56,7 +56,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py needs an NVIDIA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         raise SystemExit(2)
-    from training.data import generate_dataset
+    from synthetic.dataset import generate_dataset
     from training.presets import build_preset
 
     work = Path(a.work or tempfile.mkdtemp(prefix="t2i-gpu-"))

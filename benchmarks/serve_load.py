@@ -78,7 +78,7 @@ def start(export_dir: str, max_batch: int, log: Path) -> tuple[subprocess.Popen,
 
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-")}
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", export_dir, "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", export_dir, "--host", "127.0.0.1",
                              "--port", str(port), "--max-batch-size", str(max_batch), "--max-concurrency", "256"],
                             cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -121,7 +121,7 @@ def sweep(url: str, concurrency: int, n: int, steps: int) -> dict:
 
 
 def in_process(export_dir: str, n: int, steps: int) -> dict:
-    from export.engine import GenerationRequest
+    from core.sampling import GenerationRequest
     from export.loader import load
 
     gen = load(export_dir)

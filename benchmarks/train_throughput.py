@@ -25,10 +25,11 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from training.config import load_config  # noqa: E402
-from training.data import generate_dataset  # noqa: E402
+from core.config import load_config  # noqa: E402
+from synthetic.dataset import generate_dataset  # noqa: E402
 from training.presets import build_preset  # noqa: E402
-from training.train import TrainConfig, setup, train_step  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.train import setup, train_step  # noqa: E402
 
 
 def measure(model: Path, data: Path, work: Path, name: str, overrides: list[str], steps: int, warmup: int) -> dict:

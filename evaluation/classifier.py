@@ -2,7 +2,7 @@
 
 Its heads (shape, colour, position, size, background) score prompt adherence; its penultimate
 features are the embedding of the domain FID, as FID on MNIST is computed with a LeNet's
-features. It is trained by ``t2i eval train-classifier configs/domain-classifier.yaml`` and
+features. It is trained by ``t2i train-classifier configs/domain-classifier.yaml`` and
 shipped under ``models/domain-classifier`` (safetensors + config.json).
 """
 from __future__ import annotations
@@ -18,17 +18,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from training.config import Strict
-from training.data import ATTRIBUTES, WorldSpec, render_scene, sample_scene
-from training.errors import UserError
+from synthetic.world import ATTRIBUTES, WorldSpec, render_scene, sample_scene
+from core.errors import UserError
+from evaluation.config import DEFAULT_CLASSIFIER_DIR, ClassifierConfig
 
 HEADS = ["shape", "colour", "position", "size", "background"]
 INPUT_SIZE = 64
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "models" / "domain-classifier"
+DEFAULT_DIR = DEFAULT_CLASSIFIER_DIR
 
 
 class DomainClassifier(nn.Module):
@@ -94,7 +93,7 @@ def load_classifier(path: str | Path | None = None) -> DomainClassifier:
     path = Path(path or DEFAULT_DIR)
     if not (path / "model.safetensors").exists():
         raise UserError(f"domain classifier not found at {path} (train it with "
-                        "`t2i eval train-classifier configs/domain-classifier.yaml`)")
+                        "`t2i train-classifier configs/domain-classifier.yaml`)")
     cfg = json.loads((path / "config.json").read_text())
     for h in HEADS:
         if cfg["heads"][h] != ATTRIBUTES[h]:
@@ -108,27 +107,6 @@ def load_classifier(path: str | Path | None = None) -> DomainClassifier:
 
 
 # ============================================================================ training
-
-class ClassifierConfig(Strict):
-    output_dir: str = str(DEFAULT_DIR)
-    """Where the classifier is written (safetensors + config.json)."""
-    train_images: int = Field(40000, ge=100)
-    """Generator images rendered for training (all concepts, one shape each)."""
-    test_images: int = Field(4000, ge=100)
-    """Held-out images (another seed) for the per-head accuracy."""
-    epochs: int = Field(4, ge=1)
-    """Passes over the training images."""
-    batch_size: int = 128
-    """Batch size."""
-    learning_rate: float = 2e-3
-    """Peak learning rate (one-cycle)."""
-    feature_dim: int = 128
-    """Width of the penultimate features (the domain-FID embedding)."""
-    width: int = 16
-    """Channels of the first conv block."""
-    seed: int = 0
-    """Seed of the training images; the test set uses seed + 1."""
-
 
 def render_labelled(n: int, seed: int, size: int = INPUT_SIZE) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     rng = random.Random(seed)

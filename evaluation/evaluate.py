@@ -8,48 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import io
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from training.config import Strict
-from training.data import ATTRIBUTES, WorldSpec, caption_scene, parse_caption, render_scene, sample_scene
-from training.errors import UserError
+from synthetic.world import ATTRIBUTES, WorldSpec, caption_scene, parse_caption, render_scene, sample_scene
+from core.errors import UserError
+from evaluation.config import EvalConfig
+from core.images import image_grid
+from core.io import atomic_write, write_json
 
 ADHERENCE_ATTRS = ("shape", "colour", "position")
-
-
-class EvalConfig(Strict):
-    num_images: int = Field(800, ge=4, le=10000)
-    """Images generated (one per prompt; with new_concepts, half known and half new). FID needs many: with 100
-    per split the known-concept FID change of one model moved from +17% to +10% between 200 and 800 images."""
-    prompts: str | None = None
-    """Text file with one prompt per line (default: a fixed set drawn from the caption grammar)."""
-    new_concepts: list[str] = []
-    """Concepts a fine-tune teaches (e.g. [star, heart, purple]); splits the report into known/new."""
-    features: str = "auto"
-    """FID feature extractor: auto, inception or domain."""
-    steps: int = Field(20, ge=1, le=200)
-    """Sampling steps."""
-    guidance: float = Field(5.0, ge=0, le=30)
-    """Guidance scale."""
-    scheduler: str = "dpm"
-    """Sampler: dpm, ddim, ddpm or euler."""
-    seed: int = 0
-    """Prompt set seed; image i uses seed + i."""
-    reference_per_prompt: int = Field(10, ge=1, le=100)
-    """Real images rendered per prompt (fresh jitter each) for the FID reference. FID estimates a covariance
-    (128 x 128 for the domain features), which 100 reference images leave noisy; 10 per prompt make the
-    reference statistics near exact, so a change in FID comes from the generated images."""
-    batch_size: int = Field(32, ge=1)
-    """Images per pipeline call."""
-    clip_model: str | None = None
-    """Local CLIP model dir for CLIP score (skipped with a note when absent)."""
 
 
 # ============================================================================ prompt set
@@ -199,26 +172,24 @@ def score_images(images: np.ndarray, items: list[dict], cfg: EvalConfig, classif
 # ============================================================================ generation
 
 def generate_images(model: str, items: list[dict], cfg: EvalConfig, desc: str = "generating") -> np.ndarray:
+    """One image per item (uint8 NHWC), item i with seed cfg.seed + i, through the one sampling engine."""
     from tqdm.auto import tqdm
 
-    from training.generate import SCHEDULERS, load_pipeline
+    from core.sampling import SCHEDULERS, GenerationRequest, load_generator
 
     if cfg.scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {cfg.scheduler!r}; choose from {sorted(SCHEDULERS)}")
-    pipe = load_pipeline(model, cfg.scheduler)
-    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    gen = load_generator(model, cfg.scheduler)
     out = []
     for i in tqdm(range(0, len(items), cfg.batch_size), desc=desc, unit="batch", leave=False):
         chunk = items[i:i + cfg.batch_size]
-        gens = [torch.Generator().manual_seed(cfg.seed + i + j) for j in range(len(chunk))]
-        with torch.no_grad():
-            imgs = pipe([it["prompt"] for it in chunk], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                        generator=gens, height=size, width=size, output_type="np").images
-        out.append((imgs * 255).round().clip(0, 255).astype(np.uint8))
-    return np.concatenate(out)
+        reqs = [GenerationRequest(it["prompt"], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                                  seed=cfg.seed + i + j) for j, it in enumerate(chunk)]
+        out += [imgs[0] for imgs in gen.generate(reqs)]
+    return np.stack(out)
 
 
-_IMAGE_CACHE_VERSION = 1  # bump when generate_images or load_pipeline changes what they draw
+_IMAGE_CACHE_VERSION = 2  # bump when generate_images or the sampling engine changes what they draw
 
 
 def _dir_digest(root: Path) -> str:
@@ -258,9 +229,9 @@ def generate_cached(model: str, items: list[dict], cfg: EvalConfig, desc: str) -
             return images, True
     images = generate_images(model, items, cfg, desc)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # one per process: concurrent evals don't collide
-    np.save(tmp, images)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, images)
+    atomic_write(path, buf.getvalue())
     return images, False
 
 
@@ -312,27 +283,12 @@ def compare(model: str, base: str, out_dir: str, cfg: EvalConfig) -> dict:
 
 
 def _grid(images: np.ndarray, labels: list[str]):
-    from PIL import Image
-
-    from training.model import image_grid
-
-    return image_grid([Image.fromarray(im) for im in images], cols=min(8, len(images)))
+    return image_grid(list(images), cols=min(8, len(images)))
 
 
 def _before_after_grid(before: np.ndarray, after: np.ndarray, prompts: list[str]):
     """Row 1: base, row 2: fine-tuned, same prompt and seed per column."""
-    from PIL import Image
-
-    from training.model import image_grid
-
-    ims = [Image.fromarray(x) for x in before] + [Image.fromarray(x) for x in after]
-    return image_grid(ims, cols=len(before))
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    return image_grid(list(before) + list(after), cols=len(before))
 
 
 def format_table(report: dict) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.errors import UserError
+from core.errors import UserError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")

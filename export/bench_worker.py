@@ -20,7 +20,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from export.engine import GenerationRequest  # noqa: E402
+from core.sampling import GenerationRequest  # noqa: E402
 
 
 def _requests(prompts: list[str], seeds: list[int], plan: dict) -> list[GenerationRequest]:

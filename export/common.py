@@ -3,13 +3,13 @@ over torch modules."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from export.engine import Generator, TorchBackend
+from core.models import load_tokenizer, load_torch_parts, model_meta, scheduler_config  # noqa: F401
+from core.sampling import Generator, TorchBackend
 
 # Parts of a diffusers model dir that every variant copies unchanged.
 SHARED_PARTS = ("tokenizer", "scheduler")
@@ -24,40 +24,12 @@ def copy_shared(model_dir: Path, out_dir: Path) -> None:
             shutil.copy(model_dir / extra, out_dir / extra)
 
 
-def model_meta(model_dir: Path) -> dict:
-    """Sizes the sampling loop needs, read from the configs (no weights loaded)."""
-    vae = json.loads((model_dir / "vae" / "config.json").read_text())
-    unet = json.loads((model_dir / "unet" / "config.json").read_text())
-    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    return {"vae_scale": vae_scale, "latent_channels": vae["latent_channels"],
-            "scaling_factor": vae.get("scaling_factor", 0.18215), "native_size": unet["sample_size"] * vae_scale}
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
-
-
-def scheduler_config(model_dir: Path) -> dict:
-    return json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-
-
 def make_generator(var_dir: Path, backend, info: dict | None = None) -> Generator:
     meta_src = var_dir / "meta.json"
     meta = json.loads(meta_src.read_text()) if meta_src.exists() else model_meta(var_dir)
     return Generator(backend, load_tokenizer(var_dir), scheduler_config(var_dir), meta["vae_scale"],
-                     meta["latent_channels"], meta["scaling_factor"], meta["native_size"], info)
-
-
-def load_torch_parts(model_dir: Path, dtype=torch.float32, device="cpu"):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    te = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
-    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=dtype).to(device).eval()
-    vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=dtype).to(device).eval()
-    return te, unet, vae
+                     meta["latent_channels"], meta["scaling_factor"], meta["native_size"], info,
+                     meta.get("size_factor"))
 
 
 def torch_generator(var_dir: Path, te, unet, vae, dtype, device, info=None) -> Generator:
@@ -70,26 +42,6 @@ def write_meta(model_dir: Path, out_dir: Path, **extra) -> None:
 
 def dir_size_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20, 2)
-
-
-def atomic_dir(final: Path):
-    """Context manager yielding a temp dir that becomes ``final`` only if the block succeeds."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    return ctx()
 
 
 def save_quantized(out_dir: Path, modules: dict, filename: str) -> None:

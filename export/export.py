@@ -17,46 +17,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
 from tqdm.auto import tqdm
 
-from export.common import atomic_dir, dir_size_mb
-from training.config import Strict
-from training.errors import UserError
+from core.io import atomic_dir
+from export.common import dir_size_mb
+from export.config import ExportConfig
+from core.errors import UserError
 
 BASELINE = "eager-fp32"
-
-
-class ExportConfig(Strict):
-    model: str
-    """Model dir to export (a diffusers SD folder)."""
-    out: str
-    """Export dir to write."""
-    variants: list[str] = ["eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-bnb", "compile",
-                           "onnx-fp32", "onnx-fp16", "onnx-int8"]
-    """Variants to build and consider (eager-fp32 is always built as the reference)."""
-    max_fid_drift: float = Field(5.0, ge=0)
-    """Quality budget: FID drift from eager-fp32, in % of its FID."""
-    max_adherence_drop: float = Field(2.0, ge=0)
-    """Quality budget: drop of prompt adherence (shape+colour) in points."""
-    num_images: int = Field(100, ge=4)
-    """Quality prompts (images per variant)."""
-    batch_sizes: list[int] = [1, 4]
-    """Batch sizes timed (and warmed up for compile)."""
-    repeats: int = Field(5, ge=1)
-    """Timed runs per batch size, after warm-up."""
-    steps: int = Field(20, ge=1, le=200)
-    """Sampling steps (the same for every variant)."""
-    guidance: float = 5.0
-    """Guidance scale."""
-    features: str = "auto"
-    """FID feature extractor: auto, inception or domain."""
-    select: str | None = None
-    """Force this variant as the selected one (it must have been built)."""
-    device: str | None = None
-    """cpu or cuda (default: cuda where available)."""
-    seed: int = 0
-    """Prompt-set seed."""
 
 
 def plan_for(cfg: ExportConfig) -> tuple[dict, list[dict]]:
@@ -76,7 +44,7 @@ def plan_for(cfg: ExportConfig) -> tuple[dict, list[dict]]:
 def setup(cfg: ExportConfig) -> dict:
     from export.loader import default_device
     from export.variants import get
-    from training.presets import resolve_model
+    from core.models import resolve_model
 
     path, local = resolve_model(cfg.model)
     if not local:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.errors import UserError
+from core.errors import UserError
 
 
 def read_manifest(export_dir: str | Path) -> dict:

@@ -83,7 +83,7 @@ def write_report(out: Path, cfg, state: dict) -> None:
     if samples:
         shutil.copy(samples[-1], assets / "train_samples.png")
         images.append(("Training", "train_samples.png", f"Validation prompts at the last sample step ({samples[-1].stem}): "
-                       + "; ".join(cfg.logging.validation_prompts)))
+                       + "; ".join(cfg.training.logging.validation_prompts)))
     cmp_path = out / "eval" / "compare.json"
     cmp = json.loads(cmp_path.read_text()) if cmp_path.exists() else None
     if (out / "eval" / "before_after.png").exists():

@@ -19,35 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
-from evaluation.evaluate import write_json
-from training.config import Strict
-from training.errors import UserError
-from training.train import TrainConfig
+from core.errors import UserError
+from core.io import write_json
+from pipeline.config import PipelineConfig
+from training.config import TrainConfig
 
 STAGES = ("train", "eval", "export", "bento", "report")
-
-
-def _export_section() -> type[Strict]:
-    """``export:`` of a pipeline config: ExportConfig's fields (same names, defaults and docs) but
-    the paths, which the pipeline sets (RUN_DIR/train/model -> RUN_DIR/export)."""
-    from pydantic import create_model
-
-    from export.export import ExportConfig
-
-    fields = {k: (f.annotation, f) for k, f in ExportConfig.model_fields.items() if k not in ("model", "out")}
-    return create_model("PipelineExport", __base__=Strict, **fields)
-
-
-PipelineExport = _export_section()
-
-
-class PipelineConfig(TrainConfig):
-    """A training config (t2i train) plus what the later stages need."""
-
-    export: PipelineExport = PipelineExport()
-    """Export and benchmark settings (t2i export)."""
-    bento: bool = True
-    """Build a Bento of the selected variant (t2i bento)."""
 
 
 def stage_paths(out: Path) -> dict[str, Path]:
@@ -77,8 +54,9 @@ class Pipeline:
         self.paths = stage_paths(self.out)
         self.state_path = self.out / "pipeline.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
-        self.train_cfg = TrainConfig.model_validate(
-            {**cfg.model_dump(exclude={"export", "bento"}), "output_dir": str(self.out / "train"), "eval": None})
+        # the run folder decides where training writes; the eval runs as a stage of its own
+        self.train_cfg: TrainConfig = cfg.training.model_copy(
+            update={"output_dir": str(self.out / "train"), "eval": None})
 
     # -- stages ---------------------------------------------------------------------------------
     def train(self) -> str:
@@ -93,10 +71,10 @@ class Pipeline:
     def eval(self) -> str:
         from training.train import evaluate_after_training
 
-        if self.cfg.eval is None:
+        if self.cfg.training.eval is None:
             write_json(self.paths["eval"], {"skipped": "no eval: section in the config"})
             return "skipped (no eval: section in the config)"
-        ecfg = self.train_cfg.model_copy(update={"eval": self.cfg.eval})
+        ecfg = self.train_cfg.model_copy(update={"eval": self.cfg.training.eval})
         shutil.rmtree(self.out / "eval", ignore_errors=True)  # a half-written eval from a killed run
         (self.out / "train" / "eval").mkdir(parents=True, exist_ok=True)
         result = evaluate_after_training(ecfg)  # writes RUN_DIR/train/eval/
@@ -110,7 +88,8 @@ class Pipeline:
         return "evaluated"
 
     def export(self) -> str:
-        from export.export import ExportConfig, main as export_main
+        from export.config import ExportConfig
+        from export.export import main as export_main
 
         e = self.cfg.export
         base = {"model": str(self.out / "train" / "model"), "out": str(self.out / "export"),
@@ -138,7 +117,7 @@ class Pipeline:
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        from training.config import dump_config
+        from core.config import dump_config
 
         dump_config(self.cfg, self.out / "config.yaml")
         t_start = time.time()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from training.config import Strict
+from core.config import Strict
 
 ENV_PREFIX = "T2I_"
 BUNDLED_ARTIFACT = "artifact"  # where a Bento carries its export dir (relative to the Bento's src)
@@ -57,3 +57,25 @@ def to_env(cfg: ServingConfig) -> dict[str, str]:
             out[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
     out[ENV_PREFIX + "EXPORT_DIR"] = str(Path(cfg.export_dir).resolve())
     return out
+
+
+class ServeConfig(ServingConfig):
+    """``t2i serve EXPORT_DIR``: the service settings plus where to listen."""
+
+    export_dir: str
+    """Export dir written by `t2i export`."""
+    host: str = "127.0.0.1"
+    """Address to bind (0.0.0.0 listens on every interface)."""
+    port: int = Field(3000, ge=1, le=65535)
+    """HTTP port."""
+
+
+class BentoConfig(Strict):
+    """``t2i bento EXPORT_DIR``: build a Bento of one variant."""
+
+    export_dir: str
+    """Export dir written by `t2i export`."""
+    variant: str | None = None
+    """Bundle this variant instead of the selected one."""
+    version: str | None = None
+    """Bento version (default: generated)."""

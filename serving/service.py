@@ -51,7 +51,7 @@ class ImageModel:
         self._lock = threading.Lock()
         t0 = time.perf_counter()
         if CFG.warmup:  # first calls pay allocator / kernel-selection / compile costs: pay them now
-            from export.engine import GenerationRequest
+            from core.sampling import GenerationRequest
 
             for b in sorted({1, CFG.max_batch_size}):
                 self.gen.generate([GenerationRequest("warm-up", num_inference_steps=2, seed=i) for i in range(b)])
@@ -67,7 +67,7 @@ class ImageModel:
     def generate_batch(self, requests: list[dict]) -> list[dict]:
         """Each request: GenerationRequest fields. Each result: base64 PNGs and whether the prompt
         was truncated to the tokenizer's length."""
-        from export.engine import GenerationRequest
+        from core.sampling import GenerationRequest
 
         reqs = [GenerationRequest(**r) for r in requests]
         with self._lock:

@@ -41,7 +41,7 @@ def micro_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def micro_data(tmp_path_factory) -> Path:
-    from training.data import generate_dataset
+    from synthetic.dataset import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("data") / "shapes", n=48, seed=3, size=32)
 
@@ -49,7 +49,7 @@ def micro_data(tmp_path_factory) -> Path:
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Runs ``t2i`` in a fresh process, as a user would."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=cwd or ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
 
 

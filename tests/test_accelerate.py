@@ -10,8 +10,8 @@ from tests.conftest import ROOT, micro_overrides
 def test_two_process_accelerate_run(micro_model, micro_data, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.cli",
-           "train", "configs/base-vae.yaml", *micro_overrides(micro_model, micro_data, out, steps=3),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline.cli",
+           "train", "configs/base/vae.yaml", *micro_overrides(micro_model, micro_data, out, steps=3),
            "data.synthetic=null", "train.what=unet"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

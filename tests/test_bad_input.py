@@ -17,7 +17,7 @@ def _assert_clean_error(res, *needles):
 
 
 def _train(model, data, out, *extra):
-    return run_cli("train", "configs/base-vae.yaml", *micro_overrides(model, data, out), "data.synthetic=null",
+    return run_cli("train", "configs/base/vae.yaml", *micro_overrides(model, data, out), "data.synthetic=null",
                    "train.what=unet", *extra)
 
 

@@ -4,21 +4,28 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.config import load_config
-from training.errors import UserError
-from pipeline.run import PipelineConfig
-from training.train import TrainConfig
+from core.config import load_config
+from core.errors import UserError
+from pipeline.config import PipelineConfig
+from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+TRAIN_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))  # configs/base/ included
 
 
-@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_shipped_config_parses(path):
     raw = yaml.safe_load(path.read_text())
-    if "train" in raw or "model" in raw:  # training configs; `export:` / `bento:` make them pipeline configs
-        cfg = load_config(PipelineConfig if {"export", "bento"} & set(raw) else TrainConfig, path)
+    if "training" in raw:  # a pipeline config: the training section may name a training YAML
+        cfg = load_config(PipelineConfig, path)
+        assert cfg.training.train.max_steps >= 1 and cfg.export.variants
+    elif "train" in raw or "model" in raw:
+        cfg = load_config(TrainConfig, path)
         assert cfg.train.max_steps >= 1
+    else:
+        from evaluation.config import ClassifierConfig
+
+        assert load_config(ClassifierConfig, path).epochs >= 1
 
 
 def test_sd15_shape_preset_has_sd15_unet_size():

@@ -3,9 +3,10 @@ import random
 
 import pytest
 
-from training.data import (ATTRIBUTES, WorldSpec, caption_scene, generate_dataset, load_imagefolder, parse_caption,
-                           sample_scene)
-from training.errors import UserError
+from synthetic.dataset import generate_dataset
+from synthetic.world import ATTRIBUTES, WorldSpec, caption_scene, parse_caption, sample_scene
+from training.data import load_imagefolder
+from core.errors import UserError
 
 
 def _files(d):
@@ -46,7 +47,7 @@ def test_exclude_and_focus(tmp_path):
 
 
 def test_contrast_replays_the_nearest_known_concepts_more_often(tmp_path):
-    from training.data import synthetic_spec_matches
+    from synthetic.dataset import synthetic_spec_matches
 
     def shares(spec, n=3000):
         rng = random.Random(3)
@@ -97,7 +98,8 @@ def test_parse_free_form_prompt():
 
 
 def test_stale_synthetic_dataset_is_rendered_again(tmp_path):
-    from training.train import TrainConfig, prepare_data
+    from training.config import TrainConfig
+    from training.run import prepare_data
 
     def cfg(focus_fraction):
         return TrainConfig.model_validate({"data": {"path": str(tmp_path / "d"), "synthetic": {

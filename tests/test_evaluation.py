@@ -8,8 +8,8 @@ import torch
 from evaluation.classifier import load_classifier
 from evaluation.evaluate import EvalConfig, adherence, compare, prompt_set, reference_images
 from evaluation.fid import fid, load_reference, make_metric
-from training.data import WorldSpec, caption_scene, render_scene, sample_scene
-from training.errors import UserError
+from synthetic.world import WorldSpec, caption_scene, render_scene, sample_scene
+from core.errors import UserError
 
 
 @pytest.fixture(scope="module")

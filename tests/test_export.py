@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.engine import GenerationRequest
+from core.sampling import GenerationRequest
 from tests.conftest import ROOT, run_cli
 
 CPU_VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "int8-bnb", "compile", "onnx-fp32", "onnx-int8"]
@@ -100,7 +100,7 @@ def test_onnx_folders_have_optimum_layout(exported):
 
 def test_fresh_process_loads_selected_variant(exported):
     out, manifest = exported
-    code = ("import sys; from export.loader import load; from export.engine import GenerationRequest;"
+    code = ("import sys; from export.loader import load; from core.sampling import GenerationRequest;"
             "g = load(sys.argv[1]); im = g.generate([GenerationRequest('a red circle', num_inference_steps=4)])[0][0];"
             "print(g.info['variant'], im.shape)")
     res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -97,7 +97,7 @@ def test_report_renders_in_headless_chromium(first_run, tmp_path):
 def test_killed_training_resumes_and_finishes(micro_model, micro_data, tmp_path):
     cfg = _config(tmp_path, micro_model, micro_data, 30, bento=False)
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "training.cli", "pipeline", str(cfg), "--out", str(run),
+    args = [sys.executable, "-m", "pipeline.cli", "pipeline", str(cfg), "--out", str(run),
             *_overrides(micro_model, micro_data, 30), "checkpoint.every=4", "export.variants=[eager-fp32]"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -50,7 +50,7 @@ def server(export_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     env = {**os.environ, "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml"))}
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", str(export_dir), "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(export_dir), "--host", "127.0.0.1",
                                  "--port", str(port), "--max-batch-size", "8", "--max-latency-ms", "60000",
                                  "--max-concurrency", str(MAX_CONCURRENCY)], cwd=ROOT, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -4,7 +4,7 @@ from training.presets import train_clip_tokenizer
 
 
 def test_tokenizer_round_trip_and_unknown_words(tmp_path):
-    from training.data import caption_corpus
+    from synthetic.world import caption_corpus
 
     tok = train_clip_tokenizer(caption_corpus(2000), 600, tmp_path / "tok")
     assert (tmp_path / "tok" / "vocab.json").exists() and (tmp_path / "tok" / "merges.txt").exists()

@@ -1,124 +1,191 @@
-"""Typed, documented configs: YAML files plus dotted ``key=value`` overrides (litgpt/torchtune style).
+"""The training config: one typed model per section, field docstrings as the documentation.
 
-Each config is a pydantic model whose field docstrings are the documentation (they become
-``--help``). Unknown keys are errors that list the valid keys. Overrides are parsed by OmegaConf's
-dotlist reader, so ``train.learning_rate=1e-4`` and ``logging.validation_prompts=[a,b]`` work.
+Torch-free on purpose: ``t2i train --help`` builds its flags from these models without importing
+the training stack. Cross-field checks that need no model are validators here; checks that need the
+model (its prediction type, its resolution) run when the run is built (``training.run``).
 """
 from __future__ import annotations
 
-import typing
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Literal
 
-import yaml
-from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import Field, field_validator, model_validator
 
-from training.errors import UserError
+from core.config import Strict
+from evaluation.config import EvalConfig
+from synthetic.config import WorldConfig
 
-C = TypeVar("C", bound=BaseModel)
-
-
-class Strict(BaseModel):
-    """Base for configs: unknown keys are rejected; field docstrings are the documentation."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+DEFAULT_PROMPTS = ["a red circle on the left", "a blue square in the top right",
+                   "a large yellow triangle in the centre on a black background",
+                   "a small green cross at the bottom", "a purple star on the right",
+                   "a pink heart in the middle, white background"]
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple = (),
-                base: dict | None = None) -> C:
-    """Builds ``cls`` from defaults < ``base`` < YAML file < dotted overrides."""
-    data: dict = dict(base or {})
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping of keys to values")
-        data = _merge(data, loaded)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise UserError(f"override {bad[0]!r} must look like key=value (e.g. train.max_steps=100)")
-    if overrides:
-        try:
-            dotted = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-        except Exception as e:
-            raise UserError(f"cannot parse overrides {list(overrides)}: {e}") from None
-        data = _merge(data, dotted)
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise UserError(_explain(cls, e)) from None
+class DataConfig(Strict):
+    path: str = "data/shapes"
+    """imagefolder folder (images + metadata.jsonl) or a hub dataset id (online)."""
+    image_column: str = "image"
+    """Column holding the image."""
+    caption_column: str = "text"
+    """Column holding the caption."""
+    on_bad_image: Literal["skip", "error"] = "skip"
+    """What to do with an image that fails to decode: skip it (and count it) or stop."""
+    synthetic: WorldConfig | None = None
+    """If set, render the synthetic dataset at `path` first (again when it was rendered with other
+    settings; a folder not rendered by t2i is used as it is)."""
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+class ModelConfig(Strict):
+    pretrained: str = "models/tiny-base"
+    """Preset name (tiny, micro), diffusers model dir, or hub id (SD 1.x/2.x) to start from."""
+    resolution: int | None = None
+    """Training resolution; default: the model's native size."""
 
 
-def _submodel(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    for key in loc:
-        if not isinstance(key, str) or key not in cls.model_fields:
-            return cls
-        sub = _model_in(cls.model_fields[key].annotation)
-        if sub is None:
-            return cls
-        cls = sub
-    return cls
+class TrainArgs(Strict):
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_not_false(cls, v):  # YAML 1.1 reads a bare `no` as False
+        return "no" if v is False else v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.focus_token_learning_rate and self.what == "vae":
+            raise ValueError("train.focus_token_learning_rate trains the text encoder's embeddings: "
+                             "it needs train.what=unet or lora")
+        return self
+
+    what: Literal["unet", "lora", "vae"] = "unet"
+    """Which weights to train: full UNet, LoRA adapters on the UNet, or the VAE."""
+    train_text_encoder: bool = False
+    """Also train the text encoder (fully)."""
+    focus_token_learning_rate: float | None = Field(None, gt=0)
+    """Textual-inversion style: a learning rate of their own (no weight decay) for the input embeddings of
+    the focus words' tokens, which start untrained when the base never saw the words; every other token
+    embedding is then frozen. Needs the focus words. With train.train_text_encoder false the rest of the
+    text encoder stays frozen, so the known words' text states do not move at all."""
+    max_steps: int = Field(1000, ge=1)
+    """Optimizer steps to run."""
+    batch_size: int = Field(16, ge=1)
+    """Images per process per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    """Shape of the learning rate after warm-up."""
+    warmup_steps: int = Field(50, ge=0)
+    """Linear warm-up steps."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """AdamW, or bitsandbytes' 8-bit AdamW where it runs."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision (fp16 needs a GPU)."""
+    ema_decay: float | None = None
+    """If set, keep an EMA of the trained weights with this decay and save it (and sample from it)."""
+    ema_warmup: bool = True
+    """With ema_decay: diffusers' warm-up, where the decay at step s is min(ema_decay, (1 + s) / (10 + s)), so
+    the starting weights fade fast (0.995 is reached only after 1,790 steps); false applies ema_decay from
+    the first step."""
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (5.0 is the paper's choice); null disables."""
+    focus_words: list[str] | None = None
+    """The new words a fine-tune teaches, whose token embeddings train.focus_token_learning_rate trains
+    (null: data.synthetic.focus; the run prints which words it uses)."""
+    noise_offset: float = 0.0
+    """Noise offset (helps flat, very dark or bright images)."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Override the model's prediction type (null keeps the scheduler's)."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule to zero terminal SNR and sample with trailing timesteps (Lin et al.
+    2023); needs v_prediction. With the usual schedule the last step still shows 7% of the image,
+    so a model learns to take the layout from the seed's noise instead of from the prompt."""
+    timestep_bias: Literal["none", "later", "earlier"] = "none"
+    """Draw more training timesteps from the noisy end (later: composition and layout) or the clean
+    end (earlier: fine detail), as diffusers' SDXL script does."""
+    timestep_bias_portion: float = Field(0.25, gt=0, le=1)
+    """Fraction of the timesteps (at the biased end) that are drawn more often."""
+    timestep_bias_multiplier: float = Field(1.0, ge=1)
+    """How much more often those timesteps are drawn (1.0 = no bias)."""
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    """Share of captions replaced by "" (classifier-free guidance needs it)."""
+    cache: bool = True
+    """Cache latents / text embeddings of frozen VAE / text encoder."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the UNet."""
+    vae_kl_weight: float = 1e-6
+    """KL weight of the VAE stage."""
+    save_dtype: Literal["fp32", "fp16"] = "fp32"
+    """Precision of the saved model dir."""
+    seed: int = 0
+    """Seed of init noise, data order and dropout."""
 
 
-def _model_in(annotation) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found:
-            return found
-    return None
+class LoraArgs(Strict):
+    rank: int = Field(8, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(8, ge=1)
+    """LoRA alpha (scale = alpha / rank)."""
+    target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    """UNet module names that get adapters."""
 
 
-def _explain(cls: type[BaseModel], e: ValidationError) -> str:
-    msgs = []
-    for err in e.errors():
-        loc = tuple(err["loc"])
-        dotted = ".".join(str(x) for x in loc)
-        if err["type"] == "extra_forbidden":
-            owner = _submodel(cls, loc[:-1])
-            prefix = ".".join(str(x) for x in loc[:-1])
-            valid = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in owner.model_fields)
-            msgs.append(f"unknown config key '{dotted}'; valid keys here: {valid}")
-        elif err["type"] == "missing":
-            msgs.append(f"config key '{dotted}' is required")
-        else:
-            msgs.append(f"config key '{dotted}': {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(msgs)
+class LoggingArgs(Strict):
+    log_every: int = Field(10, ge=1)
+    """Steps between TensorBoard scalars."""
+    sample_every: int = Field(500, ge=0)
+    """Steps between sample grids (0: only at the end)."""
+    validation_prompts: list[str] = DEFAULT_PROMPTS
+    """Fixed prompts of the sample grid."""
+    sample_steps: int = 20
+    """Sampling steps of the grid."""
+    sample_guidance: float = 5.0
+    """Guidance scale of the grid."""
+    final_samples: bool = True
+    """Draw a sample grid at the last step (in addition to every sample_every steps)."""
 
 
-def dump_config(cfg: BaseModel, path: str | Path) -> None:
-    """Writes the resolved config as YAML (temp + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+class CheckpointArgs(Strict):
+    every: int = Field(500, ge=1)
+    """Steps between checkpoints."""
+    total_limit: int | None = 2
+    """Keep at most this many checkpoints (oldest deleted)."""
+    resume_from: str | None = None
+    """'latest', a checkpoint folder, or null to start fresh."""
+    save_final: bool = True
+    """Write a checkpoint at the last step too (model/ is always written)."""
 
 
-def describe(cls: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per (dotted) key with its type, default and docstring, for ``--help``."""
-    lines = []
-    for name, f in cls.model_fields.items():
-        key = prefix + name
-        sub = _model_in(f.annotation)
-        if sub is not None:
-            lines.append(f"  {key}:  {f.description or ''}".rstrip())
-            lines += describe(sub, key + ".")
-            continue
-        default: Any = "required" if f.is_required() else f.get_default(call_default_factory=True)
-        tname = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        lines.append(f"  {key} ({tname}, default {default!r}): {f.description or ''}".rstrip())
-    return lines
+class TrainConfig(Strict):
+    output_dir: str = "runs/train"
+    """Run folder: config, logs, checkpoints, model/ and train_report.json."""
+    model: ModelConfig = ModelConfig()
+    """Where to start from."""
+    data: DataConfig = DataConfig()
+    """Training images and captions."""
+    train: TrainArgs = TrainArgs()
+    """Optimisation."""
+    lora: LoraArgs = LoraArgs()
+    """LoRA settings (train.what=lora)."""
+    logging: LoggingArgs = LoggingArgs()
+    """TensorBoard logging and sample grids."""
+    checkpoint: CheckpointArgs = CheckpointArgs()
+    """Checkpointing and resume."""
+    eval: EvalConfig | None = None
+    """Evaluate against the starting model after training (t2i eval --compare); null skips it."""
+
+    def focus_words_resolved(self) -> list[str]:
+        """train.focus_words, else data.synthetic.focus (lower-cased)."""
+        words = self.train.focus_words
+        if words is None:
+            words = self.data.synthetic.focus if self.data.synthetic else []
+        return [w.lower() for w in words]
+
+    @model_validator(mode="after")
+    def _focus_words_known(self):
+        if self.train.focus_token_learning_rate and not self.focus_words_resolved():
+            raise ValueError("train.focus_token_learning_rate needs the focus words: set train.focus_words "
+                             "(or data.synthetic.focus)")
+        return self

@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from training.errors import UserError
+from core.errors import UserError
+from core.models import resolve_model, vae_scale
 
 
 @dataclass
@@ -111,8 +112,7 @@ def train_clip_tokenizer(corpus: list[str], vocab_size: int, out_dir: str | Path
 
 def unet_kwargs(p: Preset) -> dict:
     """The UNet2DConditionModel config of a preset."""
-    vae_scale = 2 ** (len(p.vae_channels) - 1)
-    return dict(sample_size=p.resolution // vae_scale, in_channels=4, out_channels=4,
+    return dict(sample_size=p.resolution // 2 ** (len(p.vae_channels) - 1), in_channels=4, out_channels=4,
                 down_block_types=p.unet_blocks, up_block_types=p.unet_up_blocks,
                 block_out_channels=p.unet_channels, layers_per_block=p.unet_layers,
                 cross_attention_dim=p.text_width, attention_head_dim=p.unet_heads,
@@ -123,7 +123,7 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Writes a randomly initialised pipeline of preset ``name`` as a diffusers model dir."""
     from diffusers import StableDiffusionPipeline
 
-    from training.data import caption_corpus
+    from synthetic.world import caption_corpus
 
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
@@ -143,7 +143,6 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
             up_block_types=("UpDecoderBlock2D",) * len(p.vae_channels),
             block_out_channels=p.vae_channels, layers_per_block=p.vae_layers,
             norm_num_groups=min(p.vae_groups, p.vae_channels[0]), sample_size=p.resolution)
-        vae_scale = 2 ** (len(p.vae_channels) - 1)
         unet = UNet2DConditionModel(**unet_kwargs(p))
         scheduler = DPMSolverMultistepScheduler(**p.scheduler, steps_offset=1)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -170,23 +169,11 @@ class Components:
 
     @property
     def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale(self.vae.config)
 
     @property
     def resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale
-
-
-def resolve_model(model: str) -> tuple[str, bool]:
-    """Returns (path or hub id, is_local). A missing local path is a clear error."""
-    p = Path(model)
-    if p.exists():
-        if not (p / "model_index.json").exists():
-            raise UserError(f"{model} is not a diffusers model dir (no model_index.json)")
-        return str(p), True
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise UserError(f"model dir {model} does not exist (and is not a hub id like 'org/name')")
-    return model, False
 
 
 def load_components(model: str, cache_dir: str | Path | None = None) -> Components:

@@ -2,7 +2,7 @@
 
     unsupported(device) -> str | None   why it cannot run here (None: it can)
     build(model_dir, out_dir, device, ctx) -> dict   writes the variant folder; returns manifest notes
-    load(var_dir, device) -> export.engine.Generator   in a fresh process, from the folder alone
+    load(var_dir, device) -> core.sampling.Generator   in a fresh process, from the folder alone
     TOLERANCE: float   max mean-abs pixel difference (0-255) from eager-fp32 on the same seeds
 """
 from __future__ import annotations
@@ -24,12 +24,11 @@ REGISTRY: dict[str, object] = {
     "onnx-fp16": onnx.Onnx("fp16"),
     "onnx-int8": onnx.Onnx("int8"),
 }
-DEFAULT_VARIANTS = ["eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-bnb", "compile",
-                    "onnx-fp32", "onnx-fp16", "onnx-int8"]
+from export.config import DEFAULT_VARIANTS  # noqa: E402
 
 
 def get(name: str):
-    from training.errors import UserError
+    from core.errors import UserError
 
     if name not in REGISTRY:
         raise UserError(f"unknown variant {name!r}; variants: {', '.join(REGISTRY)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from export.engine import GenerationRequest
+from core.sampling import GenerationRequest
 
 CACHE_FILE = "inductor_cache.bin"
 

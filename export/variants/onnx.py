@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from export.common import copy_shared, load_torch_parts, make_generator, write_meta
-from training.errors import UserError
+from core.errors import UserError
 
 COMPONENT_ATOL = {"text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 2e-3, "vae_encoder": 2e-3}
 

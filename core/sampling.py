@@ -1,7 +1,8 @@
-"""The sampling loop every export variant shares: classifier-free guided latent diffusion with
-per-request seed, guidance and negative prompt inside one batch.
+"""The one sampling loop: classifier-free guided latent diffusion with per-request seed, guidance
+and negative prompt inside one batch. Training samples, evaluation, ``t2i generate``, every export
+variant and the server all draw through it.
 
-Variants differ only in their ``Backend`` (how the text encoder, UNet and VAE decoder run: eager,
+Export variants differ only in their ``Backend`` (how the text encoder, UNet and VAE decoder run: eager,
 quantized, compiled, ONNX Runtime); the scheduler, step count and noise are the model's own, so a
 variant is the same model made faster, never a cheaper sampling recipe. With one request the loop
 reproduces diffusers' ``StableDiffusionPipeline`` (a test pins it).
@@ -41,7 +42,7 @@ class Generator:
     """``generate(requests) -> images``: the object export's loader returns for every variant."""
 
     def __init__(self, backend: Backend, tokenizer, scheduler_config: dict, vae_scale: int, latent_channels: int,
-                 scaling_factor: float, native_size: int, info: dict | None = None):
+                 scaling_factor: float, native_size: int, info: dict | None = None, size_factor: int | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
@@ -49,6 +50,7 @@ class Generator:
         self.latent_channels = latent_channels
         self.scaling_factor = scaling_factor
         self.native_size = native_size
+        self.size_factor = size_factor or native_size  # image sides must be multiples of this
         self.info = info or {}
         self.unet_time_s = 0.0  # accumulated, for the benchmark's UNet time per step
         self.unet_calls = 0
@@ -133,3 +135,35 @@ class TorchBackend:
 
     def decode(self, latents):
         return self.vae.decode(latents.to(self.device, self.dtype), return_dict=False)[0].cpu()
+
+
+def generator_from_parts(text_encoder, unet, vae, tokenizer, scheduler_config: dict, dtype=None, device="cpu",
+                         info: dict | None = None) -> Generator:
+    """A Generator over in-memory torch modules (a model being trained, or loaded by ``load_generator``)."""
+    from core.models import size_factor, vae_scale
+
+    backend = TorchBackend(text_encoder, unet, vae, dtype or torch.float32, device)
+    scale = vae_scale(vae.config)
+    return Generator(backend, tokenizer, scheduler_config, scale, vae.config.latent_channels,
+                     vae.config.scaling_factor, unet.config.sample_size * scale, info,
+                     size_factor(vae.config, unet.config))
+
+
+SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
+              "euler": "EulerDiscreteScheduler"}
+
+
+def load_generator(model: str, scheduler: str | None = None, device: str = "cpu") -> Generator:
+    """A Generator over a diffusers model dir (fp32); ``scheduler`` swaps the sampler (a SCHEDULERS key)."""
+    from core.models import load_tokenizer, load_torch_parts, resolve_model, scheduler_config
+
+    path, local = resolve_model(model)
+    if not local:  # a hub id: let diffusers download it once, then read the local copy
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path)
+    te, unet, vae = load_torch_parts(path, device=device)
+    sched = dict(scheduler_config(path))
+    if scheduler:
+        sched["_class_name"] = SCHEDULERS[scheduler]
+    return generator_from_parts(te, unet, vae, load_tokenizer(path), sched, device=device)

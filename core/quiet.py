@@ -1,0 +1,35 @@
+"""Keeps third-party chatter off the terminal while real warnings still show.
+
+Silenced: the libraries' informational logging (weight-loading reports and progress bars,
+optional-kernel probes) and a list of known, harmless warnings by message. Everything else,
+including our own warnings and the libraries' errors, still prints.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# (message regex, category) of warnings that say nothing a user can act on
+_KNOWN_NOISE = [
+    (r".*is an Enum subclass and is now natively supported by torch.compile.*", None),
+    (r".*Please consider pre-processing before quantization.*", None),
+    (r".*torch_dtype.*is deprecated.*", None),
+    (r".*upcast_vae.*", None),
+    (r".*TypedStorage is deprecated.*", UserWarning),
+    (r".*`resume_download` is deprecated.*", FutureWarning),
+    (r".*copying from a non-meta parameter in the checkpoint to a meta parameter.*", UserWarning),
+]
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for message, category in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category or Warning)
+    for name in ("torch.utils._pytree", "torchao", "bitsandbytes", "accelerate", "datasets", "onnxruntime",
+                 "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)

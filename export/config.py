@@ -1,0 +1,43 @@
+"""The export config (``t2i export``, and the ``export:`` section of a pipeline config)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from core.config import Strict
+
+# Variants built when none are named: every one; those the hardware cannot run are skipped with a reason.
+DEFAULT_VARIANTS = ["eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-bnb", "compile",
+                    "onnx-fp32", "onnx-fp16", "onnx-int8"]
+
+
+class ExportConfig(Strict):
+    model: str
+    """Model dir to export (a diffusers SD folder)."""
+    out: str
+    """Export dir to write."""
+    variants: list[str] = DEFAULT_VARIANTS
+    """Variants to build and consider (eager-fp32 is always built as the reference)."""
+    max_fid_drift: float = Field(5.0, ge=0)
+    """Quality budget: FID drift from eager-fp32, in % of its FID."""
+    max_adherence_drop: float = Field(2.0, ge=0)
+    """Quality budget: drop of prompt adherence (shape+colour) in points."""
+    num_images: int = Field(100, ge=4)
+    """Quality prompts (images per variant)."""
+    batch_sizes: list[int] = [1, 4]
+    """Batch sizes timed (and warmed up for compile)."""
+    repeats: int = Field(5, ge=1)
+    """Timed runs per batch size, after warm-up."""
+    steps: int = Field(20, ge=1, le=200)
+    """Sampling steps (the same for every variant)."""
+    guidance: float = 5.0
+    """Guidance scale."""
+    features: Literal["auto", "inception", "domain"] = "auto"
+    """FID feature extractor: auto, inception or domain."""
+    select: str | None = None
+    """Force this variant as the selected one (it must have been built)."""
+    device: Literal["cpu", "cuda"] | None = None
+    """cpu or cuda (default: cuda where available)."""
+    seed: int = 0
+    """Prompt-set seed."""

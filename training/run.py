@@ -1,0 +1,246 @@
+"""The state of one training run, built completely in one place (``Run(cfg)``).
+
+Everything that can fail on bad input (model, resolution, dataset, checkpoint) is checked before
+the run folder is touched. Frozen parts (VAE, text encoder) are run once up front and their
+outputs cached (kohya / SimpleTuner's main speed lever).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from core.config import dump_config
+from core.errors import UserError
+from core.images import to_pixels
+from core.models import size_factor
+from training.checkpoints import find_checkpoint, resume
+from training.config import TrainConfig
+
+
+def prepare_data(cfg: TrainConfig, resolution: int):
+    """Renders the synthetic dataset first when the config asks for it, then loads the folder."""
+    from synthetic.dataset import generate_dataset, synthetic_spec_matches
+    from training.data import load_imagefolder
+
+    d = cfg.data
+    if d.synthetic is not None:
+        s, spec = d.synthetic, d.synthetic.spec()
+        if not Path(d.path).exists():
+            generate_dataset(d.path, s.n, s.seed, s.size, spec)
+        elif synthetic_spec_matches(d.path, s.n, s.seed, s.size, spec) is False:
+            # our own rendering, of other settings: a stale dataset would silently train the old recipe
+            print(f"{d.path} was rendered with other data.synthetic settings; rendering it again")
+            generate_dataset(d.path, s.n, s.seed, s.size, spec, overwrite=True)
+    return load_imagefolder(d.path, resolution, d.image_column, d.caption_column, d.on_bad_image)
+
+
+def check_resolution(comps, res: int) -> None:
+    factor = size_factor(comps.vae.config, comps.unet.config)
+    if res % factor or res < factor:
+        raise UserError(f"resolution {res} is not supported by this model: it must be a positive "
+                        f"multiple of {factor} (VAE x UNet downsampling)")
+
+
+def _optimizer(cfg: TrainConfig, groups: list[dict]):
+    t = cfg.train
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+            return bnb.optim.AdamW8bit(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+        except Exception as e:  # no kernel for this device
+            raise UserError(f"8-bit AdamW is not available here ({e}); use train.optimizer=adamw") from None
+    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict:
+    out = {}
+    for sec, vals in cfg.model_dump().items():
+        if isinstance(vals, dict):
+            for k, v in vals.items():
+                if isinstance(v, (int, float, str, bool)):
+                    out[f"{sec}.{k}"] = v
+    return out
+
+
+class Run:
+    """One training run: the model, data, caches, optimizer, schedule, EMA and step."""
+
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        from training.model import LatentDiffusion
+        from training.presets import load_components
+
+        self.cfg = cfg
+        t = cfg.train
+        self.out = Path(cfg.output_dir)
+        if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+        comps = load_components(cfg.model.pretrained, cache_dir=self.out.parent / ".presets")
+        self.resolution = cfg.model.resolution or comps.resolution
+        check_resolution(comps, self.resolution)
+        v_prediction = (t.prediction_type or comps.noise_scheduler.config.prediction_type) == "v_prediction"
+        if t.zero_terminal_snr and not v_prediction:
+            raise UserError("train.zero_terminal_snr needs train.prediction_type=v_prediction (epsilon is "
+                            "undefined at zero SNR)")
+        self.data = prepare_data(cfg, self.resolution)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.resume_from = find_checkpoint(self.ckpt_dir, cfg.checkpoint.resume_from)
+
+        # cpu=True without a GPU: how accelerate picks gloo data parallelism (MULTI_CPU) when
+        # `accelerate launch --multi_gpu` / torchrun start several processes on a CPU machine.
+        self.acc = acc = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.grad_accum, log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        torch.manual_seed(t.seed + acc.process_index)
+        self.focus_words = cfg.focus_words_resolved()
+        if self.focus_words and t.focus_token_learning_rate:
+            acc.print(f"focus words (their token embeddings train): {', '.join(self.focus_words)}"
+                      f"{'' if t.focus_words is not None else ' (from data.synthetic.focus)'}")
+        for m in (comps.vae, comps.text_encoder, comps.unet):  # frozen parts too; prepare() moves only trained ones
+            m.to(acc.device)
+        self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
+                                     (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier))
+        self.trainable = self._select_trainable(comps)
+        trains_text = t.train_text_encoder or bool(t.focus_token_learning_rate)
+        self.cache_latents = t.cache and t.what != "vae"
+        self.cache_text = t.cache and t.what != "vae" and not trains_text
+        self.steps_per_epoch = max(1, len(self.data.captions) // (t.batch_size * acc.num_processes))
+        self.global_step = 0
+
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+        self.pixels = torch.from_numpy(self.data.pixels)
+        self.build_caches()
+        groups = self._param_groups()
+        self.ema_params = [p for g in groups for p in g["params"]]  # the order the EMA keeps its copies in
+        self.optimizer = _optimizer(cfg, groups)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(t.lr_scheduler, self.optimizer,
+                                          num_warmup_steps=t.warmup_steps * acc.num_processes,
+                                          num_training_steps=t.max_steps * acc.num_processes)
+        *mods, self.optimizer, self.lr_scheduler = acc.prepare(*self.trainable, self.optimizer, self.lr_scheduler)
+        names = ["vae"] if t.what == "vae" else ["unet", "text_encoder"][:len(mods)]
+        for name, m in zip(names, mods):
+            setattr(self.model, name, m)
+        self.ema = self._ema() if t.ema_decay else None
+        if self.resume_from is not None:
+            resume(self, self.resume_from)
+        if acc.is_main_process:
+            acc.init_trackers("t2i", config=_flat_hparams(cfg))
+
+    # ---------------------------------------------------------------- which weights
+    def _select_trainable(self, comps) -> list[torch.nn.Module]:
+        t = self.cfg.train
+        for m in (comps.unet, comps.vae, comps.text_encoder):
+            m.requires_grad_(False)
+        if t.what == "vae":
+            comps.vae.requires_grad_(True)
+            return [comps.vae]
+        if t.what == "lora":
+            from peft import LoraConfig
+            comps.unet.add_adapter(LoraConfig(r=self.cfg.lora.rank, lora_alpha=self.cfg.lora.alpha,
+                                              init_lora_weights="gaussian",
+                                              target_modules=self.cfg.lora.target_modules))
+        else:
+            comps.unet.requires_grad_(True)
+        if t.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+        mods = [comps.unet]
+        if t.train_text_encoder:
+            comps.text_encoder.requires_grad_(True)
+            mods.append(comps.text_encoder)
+        elif t.focus_token_learning_rate:  # the token embeddings alone (only the focus words' rows move)
+            comps.text_encoder.get_input_embeddings().weight.requires_grad_(True)
+            mods.append(comps.text_encoder)
+        return mods
+
+    def focus_token_ids(self) -> list[int]:
+        """The tokenizer's ids of the focus words (each may be several BPE pieces), without special tokens."""
+        tok = self.model.tokenizer
+        special = set(tok.all_special_ids)
+        return sorted({i for w in self.focus_words for i in tok(w).input_ids if i not in special})
+
+    def _param_groups(self) -> list[dict]:
+        """One optimizer group per trained module; with train.focus_token_learning_rate the focus words'
+        token embeddings get a group of their own (no weight decay) and the other rows no gradient."""
+        t = self.cfg.train
+        tokens = self.model.text_encoder.get_input_embeddings().weight if t.focus_token_learning_rate else None
+        groups = [{"params": [p for p in m.parameters() if p.requires_grad and p is not tokens], "lr": t.learning_rate}
+                  for m in self.trainable]
+        groups = [g for g in groups if g["params"]]
+        if tokens is not None:
+            rows = torch.zeros(tokens.shape[0], 1, dtype=tokens.dtype, device=tokens.device)
+            rows[self.focus_token_ids()] = 1.0
+            tokens.register_hook(lambda g: g * rows)  # the other rows get no gradient, hence no AdamW step
+            groups.append({"params": [tokens], "lr": t.focus_token_learning_rate, "weight_decay": 0.0})
+        return groups
+
+    def _ema(self):
+        from diffusers.training_utils import EMAModel
+
+        t = self.cfg.train
+        # min_decay = decay turns diffusers' (1 + s) / (10 + s) warm-up off
+        ema = EMAModel(self.ema_params, decay=t.ema_decay, min_decay=0.0 if t.ema_warmup else t.ema_decay)
+        self.acc.register_for_checkpointing(ema)
+        reached = ema.get_decay(t.max_steps)  # diffusers' own schedule, at the last step
+        if t.ema_warmup and reached < t.ema_decay:
+            self.acc.print(f"note: with train.ema_warmup the EMA decay reaches only {reached:.4f} by step "
+                           f"{t.max_steps}, not train.ema_decay={t.ema_decay}; set train.ema_warmup=false to "
+                           f"use {t.ema_decay} throughout")
+        return ema
+
+    # ---------------------------------------------------------------- caching
+    @torch.no_grad()
+    def build_caches(self) -> None:
+        show = self.acc.is_local_main_process
+        if self.cache_latents:
+            means, stds = [], []
+            for i in tqdm(range(0, len(self.pixels), 64), desc="caching latents", leave=False, disable=not show):
+                m, s = self.model.encode_images(to_pixels(self.pixels[i:i + 64]).to(self.acc.device))
+                means.append(m)
+                stds.append(s)
+            self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
+        if self.cache_text:
+            uniq = sorted(set(self.data.captions) | {""})
+            self.caption_index = {c: i for i, c in enumerate(uniq)}
+            embs = []
+            for i in tqdm(range(0, len(uniq), 256), desc="caching text", leave=False, disable=not show):
+                embs.append(self.model.encode_text(uniq[i:i + 256]))
+            self.text_cache = torch.cat(embs)
+
+    # ---------------------------------------------------------------- data order
+    def batch_indices(self, micro_step: int) -> np.ndarray:
+        """Indices of this process's micro-batch; a pure function of the step (exact resume)."""
+        t = self.cfg.train
+        epoch, k = divmod(micro_step, self.steps_per_epoch)
+        perm = np.random.default_rng(t.seed + epoch).permutation(len(self.data.captions))
+        per = t.batch_size * self.acc.num_processes
+        glob = perm[k * per:(k + 1) * per]
+        return glob[self.acc.process_index::self.acc.num_processes]
+
+    def batch(self, idx: np.ndarray):
+        """(latents, text embeddings) of a micro-batch; (pixels, None) for the VAE stage."""
+        t = self.cfg.train
+        device = self.acc.device
+        if t.what == "vae":
+            return to_pixels(self.pixels[idx]).to(device), None
+        captions = [self.data.captions[i] for i in idx]
+        drop = torch.rand(len(captions)) < t.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        if self.cache_latents:
+            latents = self.model.sample_latents(self.lat_mean[idx], self.lat_std[idx])
+        else:
+            latents = self.model.sample_latents(*self.model.encode_images(to_pixels(self.pixels[idx]).to(device)))
+        if self.cache_text:
+            emb = self.text_cache[[self.caption_index[c] for c in captions]]
+        else:
+            emb = self.model.encode_text(captions)
+        return latents, emb
