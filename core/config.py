@@ -119,7 +119,8 @@ def _explain(cls: type[BaseModel], e: ValidationError) -> str:
         elif err["type"] == "missing":
             msgs.append(f"config key '{dotted}' is required")
         else:
-            msgs.append(f"config key '{dotted}': {err['msg']} (got {err.get('input')!r})")
+            flag = "--" + dotted.replace("_", "-")
+            msgs.append(f"config key '{dotted}' ({flag}): {err['msg']} (got {str(err.get('input'))[:80]!r})")
     return "; ".join(msgs)
 
 

@@ -8,7 +8,6 @@ bench.md (the table) and bench.png (latency vs FID drift, Pareto front marked).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -19,10 +18,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from core.errors import UserError
 from core.io import atomic_dir
 from export.common import dir_size_mb
 from export.config import ExportConfig
-from core.errors import UserError
+from export.manifest import (Bench, Budget, ExportManifest, Hardware, LoadHint, Plan, Quality, VariantEntry,
+                             write_manifest)
 
 BASELINE = "eager-fp32"
 
@@ -67,16 +68,16 @@ def setup(cfg: ExportConfig) -> dict:
 
 # ============================================================================ run
 
-def build_variants(state: dict, cfg: ExportConfig) -> dict:
+def build_variants(state: dict, cfg: ExportConfig) -> dict[str, VariantEntry]:
     from export.variants import get
 
-    entries = {}
+    entries: dict[str, VariantEntry] = {}
     ctx = {"batch_sizes": cfg.batch_sizes}
     for name in tqdm(state["names"], desc="building variants", unit="variant"):
         variant = get(name)
         reason = variant.unsupported(state["device"])
         if reason:
-            entries[name] = {"status": "skipped", "reason": reason}
+            entries[name] = VariantEntry(status="skipped", reason=reason)
             continue
         final = state["out"] / name
         t0 = time.perf_counter()
@@ -84,37 +85,41 @@ def build_variants(state: dict, cfg: ExportConfig) -> dict:
             with atomic_dir(final) as tmp:
                 notes = variant.build(state["model"], tmp, state["device"], ctx)
         except UserError as e:
-            entries[name] = {"status": "failed", "reason": str(e)}
+            entries[name] = VariantEntry(status="failed", reason=str(e))
             continue
         except Exception as e:  # a backend that breaks on this model/hardware: report, don't crash
-            entries[name] = {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+            entries[name] = VariantEntry(status="failed", reason=f"{type(e).__name__}: {str(e)[:300]}")
             continue
-        entries[name] = {"status": "ok", "dir": name, "build_s": round(time.perf_counter() - t0, 1),
-                         "size_mb": dir_size_mb(final), "tolerance_px": variant.TOLERANCE, "notes": notes,
-                         "load": {"registry": name, "call": f"export.loader.load(EXPORT_DIR, '{name}')"}}
+        entries[name] = VariantEntry(
+            status="ok", dir=name, build_s=round(time.perf_counter() - t0, 1), size_mb=dir_size_mb(final),
+            tolerance_px=variant.TOLERANCE, notes=notes,
+            load=LoadHint(registry=name, call=f"export.loader.load(EXPORT_DIR, '{name}')"))
     return entries
 
 
-def bench_variants(state: dict, cfg: ExportConfig, entries: dict, plan: dict) -> dict[str, np.ndarray]:
+def bench_variants(state: dict, cfg: ExportConfig, entries: dict[str, VariantEntry],
+                   plan: dict) -> dict[str, np.ndarray]:
     work = state["out"] / ".bench"
     work.mkdir(exist_ok=True)
     (work / "plan.json").write_text(json.dumps(plan))
     images = {}
-    for name, e in tqdm([(n, e) for n, e in entries.items() if e["status"] == "ok"], desc="benchmarking",
+    for name, e in tqdm([(n, e) for n, e in entries.items() if e.status == "ok"], desc="benchmarking",
                         unit="variant"):
         res, npy = work / f"{name}.json", work / f"{name}.npy"
-        cmd = [sys.executable, "-m", "export.bench_worker", str(state["out"] / e["dir"]), name,
+        cmd = [sys.executable, "-m", "export.bench_worker", str(state["out"] / e.dir), name,
                str(work / "plan.json"), str(res), str(npy), "--device", state["device"]]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         if proc.returncode != 0:
-            e.update(status="failed", reason="benchmark failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+            e.reason = "benchmark failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
+            e.status = "failed"  # after the reason: a failed entry must carry one
             continue
-        e["bench"] = json.loads(res.read_text())
+        e.bench = Bench.model_validate_json(res.read_text())
         images[name] = np.load(npy)
     return images
 
 
-def quality(entries: dict, images: dict[str, np.ndarray], items: list[dict], cfg: ExportConfig) -> None:
+def quality(entries: dict[str, VariantEntry], images: dict[str, np.ndarray], items: list[dict],
+            cfg: ExportConfig) -> None:
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -139,34 +144,33 @@ def quality(entries: dict, images: dict[str, np.ndarray], items: list[dict], cfg
         ssim = float(structural_similarity_index_measure(vt, bt, data_range=1.0))
         mad = float(np.abs(imgs.astype(np.float32) - base.astype(np.float32)).mean())
         drift = f - base_fid
-        entries[name]["quality"] = {
-            "features": kind, "fid": round(f, 3), "fid_drift": round(drift, 3),
-            "fid_drift_pct": round(100 * drift / base_fid, 2) if base_fid > 0 else 0.0,
-            "fid_vs_baseline": round(fid(imgs, base, kind, clf, cache=False), 3) if name != BASELINE else 0.0,
-            "psnr_db_median": round(float(np.median([p if np.isfinite(p) else 100.0 for p in psnr])), 2),
-            "ssim": round(ssim, 4), "mean_abs_px_diff": round(mad, 3),
-            "adherence": adh, "adherence_drop": round(base_adh - adh, 1),
-            "within_tolerance": mad <= entries[name]["tolerance_px"],
-        }
+        entries[name].quality = Quality(
+            features=kind, fid=round(f, 3), fid_drift=round(drift, 3),
+            fid_drift_pct=round(100 * drift / base_fid, 2) if base_fid > 0 else 0.0,
+            fid_vs_baseline=round(fid(imgs, base, kind, clf, cache=False), 3) if name != BASELINE else 0.0,
+            psnr_db_median=round(float(np.median([p if np.isfinite(p) else 100.0 for p in psnr])), 2),
+            ssim=round(ssim, 4), mean_abs_px_diff=round(mad, 3),
+            adherence=adh, adherence_drop=round(base_adh - adh, 1),
+            within_tolerance=mad <= entries[name].tolerance_px,
+        )
 
 
-def select(entries: dict, cfg: ExportConfig) -> tuple[str | None, str]:
-    ok = {n: e for n, e in entries.items() if e["status"] == "ok" and "quality" in e}
+def select(entries: dict[str, VariantEntry], cfg: ExportConfig) -> tuple[str | None, str]:
+    ok = {n: e for n, e in entries.items() if e.status == "ok" and e.bench is not None and e.quality is not None}
     for e in ok.values():
-        q = e["quality"]
         # Drift either way is a change from the original model, so the budget bounds its size.
-        e["within_budget"] = (abs(q["fid_drift_pct"]) <= cfg.max_fid_drift
-                              and q["adherence_drop"] <= cfg.max_adherence_drop)
+        e.within_budget = (abs(e.quality.fid_drift_pct) <= cfg.max_fid_drift
+                           and e.quality.adherence_drop <= cfg.max_adherence_drop)
     if cfg.select:
         if cfg.select not in ok:
-            raise UserError(f"--select {cfg.select}: that variant did not build/benchmark "
-                            f"({entries.get(cfg.select, {}).get('reason', 'not built')})")
+            why = entries[cfg.select].reason if cfg.select in entries else None
+            raise UserError(f"--select {cfg.select}: that variant did not build/benchmark ({why or 'not built'})")
         return cfg.select, "chosen with --select"
-    b1 = str(min(cfg.batch_sizes))
-    candidates = [n for n, e in ok.items() if e["within_budget"] and n in cfg.variants]
+    b1 = min(cfg.batch_sizes)
+    candidates = [n for n, e in ok.items() if e.within_budget and n in cfg.variants]
     if not candidates:
         return None, "no variant is inside the budget"
-    best = min(candidates, key=lambda n: ok[n]["bench"]["latency"][b1]["median_s"])
+    best = min(candidates, key=lambda n: ok[n].bench.latency[b1].median_s)
     return best, f"fastest at batch {b1} with |FID drift| <= {cfg.max_fid_drift}% and adherence drop <= " \
                  f"{cfg.max_adherence_drop} pts"
 
@@ -202,43 +206,45 @@ def matmul_peak_gflops(n: int = 1024, dtype=None) -> float:
 
 # ============================================================================ save
 
-def save(state: dict, cfg: ExportConfig, entries: dict, selected: str | None, reason: str, hw: dict) -> dict:
+def save(state: dict, cfg: ExportConfig, entries: dict[str, VariantEntry], selected: str | None, reason: str,
+         hw: Hardware) -> ExportManifest:
     from export.report import write_bench_md, write_plot
 
-    manifest = {"model_dir": str(state["model"]), "device": state["device"], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "config": cfg.model_dump(), "budget": {"max_fid_drift_pct": cfg.max_fid_drift,
-                                                       "max_adherence_drop_pts": cfg.max_adherence_drop},
-                "baseline": BASELINE, "hardware": hw, "variants": entries, "selected": selected,
-                "selection_reason": reason}
+    manifest = ExportManifest(
+        model_dir=str(state["model"]), device=state["device"], created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        config=cfg.model_dump(mode="json"),
+        budget=Budget(max_fid_drift_pct=cfg.max_fid_drift, max_adherence_drop_pts=cfg.max_adherence_drop),
+        plan=Plan.model_validate(cfg.model_dump(include=set(Plan.model_fields))),
+        baseline=BASELINE, hardware=hw, variants=entries, selected=selected, selection_reason=reason)
     out = state["out"]
     write_plot(manifest, out / "bench.png")
     write_bench_md(manifest, out / "bench.md")
-    tmp = out / "export.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, out / "export.json")
+    write_manifest(out / "export.json", manifest)
     shutil.rmtree(out / ".bench", ignore_errors=True)
     return manifest
 
 
-def main(cfg: ExportConfig) -> dict:
+def main(cfg: ExportConfig) -> ExportManifest:
     state = setup(cfg)
     state["out"].mkdir(parents=True, exist_ok=True)
     plan, items = plan_for(cfg)
     entries = build_variants(state, cfg)
     images = bench_variants(state, cfg, entries, plan)
     if BASELINE not in images:
-        raise UserError(f"the baseline {BASELINE} failed: {entries[BASELINE].get('reason')}")
+        raise UserError(f"the baseline {BASELINE} failed: {entries[BASELINE].reason}")
     quality(entries, images, items, cfg)
     flops = unet_flops(state["model"])
     peak = matmul_peak_gflops()
     for e in entries.values():
-        if e["status"] == "ok":
-            ms = e["bench"]["latency"][str(min(cfg.batch_sizes))]["unet_step_ms"]
-            e["bench"]["unet_gflops_per_s"] = round(flops / (ms / 1000) / 1e9, 1) if ms else None
-            e["bench"]["unet_fraction_of_fp32_peak"] = round(e["bench"]["unet_gflops_per_s"] / peak, 3) if ms else None
+        if e.status == "ok":
+            ms = e.bench.latency[min(cfg.batch_sizes)].unet_step_ms
+            e.bench.unet_gflops_per_s = round(flops / (ms / 1000) / 1e9, 1) if ms else None
+            e.bench.unet_fraction_of_fp32_peak = round(e.bench.unet_gflops_per_s / peak, 3) if ms else None
     selected, reason = select(entries, cfg)
-    hw = {"cpu": platform.processor() or platform.machine(), "threads": __import__("torch").get_num_threads(),
-          "matmul_fp32_gflops": peak, "unet_gflop_per_step_b1": round(flops / 1e9, 3)}
+    torch = __import__("torch")
+    hw = Hardware(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                  matmul_fp32_gflops=peak, unet_gflop_per_step_b1=round(flops / 1e9, 3),
+                  gpu=torch.cuda.get_device_name() if state["device"] == "cuda" else None)
     manifest = save(state, cfg, entries, selected, reason, hw)
     if selected is None:
         raise UserError(f"no variant meets the budget (FID drift <= {cfg.max_fid_drift}%, adherence drop <= "

@@ -1,11 +1,11 @@
 """bench.md (the table) and bench.png (latency against FID drift, Pareto front marked)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-
-def _ok(manifest: dict) -> dict:
-    return {n: e for n, e in manifest["variants"].items() if e["status"] == "ok" and "quality" in e}
+from core.io import atomic_write
+from export.manifest import ExportManifest
 
 
 def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -17,78 +17,75 @@ def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda n: points[n][0])
 
 
-def write_plot(manifest: dict, path: Path) -> None:
+def write_plot(manifest: ExportManifest, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = _ok(manifest)
-    b1 = str(min(manifest["config"]["batch_sizes"]))
-    pts = {n: (1000 * e["bench"]["latency"][b1]["median_s"], e["quality"]["fid_drift_pct"]) for n, e in ok.items()}
+    measured = manifest.measured()
+    b1 = manifest.plan.smallest_batch
+    pts = {n: (1000 * e.bench.latency[b1].median_s, e.quality.fid_drift_pct) for n, e in measured.items()}
     front = pareto(pts)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for n, (x, y) in pts.items():
-        inside = ok[n].get("within_budget")
-        ax.scatter(x, y, s=60, c="tab:green" if inside else "tab:red", zorder=3,
-                   marker="*" if n == manifest.get("selected") else "o")
+        ax.scatter(x, y, s=60, c="tab:green" if measured[n].within_budget else "tab:red", zorder=3,
+                   marker="*" if n == manifest.selected else "o")
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if len(front) > 1:
         ax.plot([pts[n][0] for n in front], [pts[n][1] for n in front], "--", c="gray", zorder=2, label="Pareto front")
-    ax.axhline(manifest["budget"]["max_fid_drift_pct"], c="tab:orange", lw=1, label="FID drift budget")
+    ax.axhline(manifest.budget.max_fid_drift_pct, c="tab:orange", lw=1, label="FID drift budget")
     ax.set_xlabel(f"latency per image at batch {b1} (ms, median)")
-    ax.set_ylabel("FID drift vs eager-fp32 (%)")
-    ax.set_title(f"Variants of {Path(manifest['model_dir']).name} on {manifest['device']}"
-                 f" (selected: {manifest.get('selected')})", fontsize=9)
+    ax.set_ylabel(f"FID drift vs {manifest.baseline} (%)")
+    ax.set_title(f"Variants of {Path(manifest.model_dir).name} on {manifest.device}"
+                 f" (selected: {manifest.selected})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write(path, buf.getvalue())
 
 
-def bench_table(manifest: dict) -> str:
-    bs = [str(b) for b in manifest["config"]["batch_sizes"]]
-    base = manifest["variants"][manifest["baseline"]]
-    b1 = bs[0]
-    base_lat = base["bench"]["latency"][b1]["median_s"] if "bench" in base else None
+def bench_table(manifest: ExportManifest) -> str:
+    bs = manifest.plan.batch_sizes
+    b1 = manifest.plan.smallest_batch
+    base = manifest.variants.get(manifest.baseline)
+    base_lat = base.bench.latency[b1].median_s if base and base.bench else None
     head = ("| variant | " + " | ".join(f"ms/img b{b} (p50 / p95)" for b in bs)
             + f" | speed-up b{b1} | UNet ms/step | load s | warm-up s | peak MB | size MB | FID | drift % "
             "| adherence | PSNR dB | SSIM | in budget |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for n, e in manifest["variants"].items():
-        if e["status"] != "ok" or "quality" not in e:
-            lines.append(f"| {n} | {e['status']}: {e.get('reason', '')} |")
+    measured = manifest.measured()
+    for n, e in manifest.variants.items():
+        if n not in measured:
+            lines.append(f"| {n} | {e.status}: {e.reason or ''} |")
             continue
-        lat = e["bench"]["latency"]
-        q = e["quality"]
-        cells = [f"{1000 * lat[b]['median_s']:.0f} / {1000 * lat[b]['p95_s']:.0f}" for b in bs]
-        speed = f"{base_lat / lat[b1]['median_s']:.2f}x" if base_lat else "-"
-        mark = " (selected)" if n == manifest.get("selected") else ""
-        lines.append(f"| {n}{mark} | " + " | ".join(cells) + f" | {speed} | {lat[b1]['unet_step_ms']:.1f} | "
-                     f"{e['bench']['load_s']:.1f} | {e['bench']['warmup_s']:.1f} | {e['bench']['peak_rss_mb']:.0f} | "
-                     f"{e['size_mb']:.1f} | {q['fid']:.2f} | {q['fid_drift_pct']:+.1f} | {q['adherence']:.1f} "
-                     f"({-q['adherence_drop']:+.1f}) | {q['psnr_db_median']:.1f} | {q['ssim']:.3f} | "
-                     f"{'yes' if e.get('within_budget') else 'no'} |")
+        lat, q, bench = e.bench.latency, e.quality, e.bench
+        cells = [f"{1000 * lat[b].median_s:.0f} / {1000 * lat[b].p95_s:.0f}" for b in bs]
+        speed = f"{base_lat / lat[b1].median_s:.2f}x" if base_lat else "-"
+        mark = " (selected)" if n == manifest.selected else ""
+        lines.append(f"| {n}{mark} | " + " | ".join(cells) + f" | {speed} | {lat[b1].unet_step_ms:.1f} | "
+                     f"{bench.load_s:.1f} | {bench.warmup_s:.1f} | {bench.peak_rss_mb:.0f} | "
+                     f"{e.size_mb:.1f} | {q.fid:.2f} | {q.fid_drift_pct:+.1f} | {q.adherence:.1f} "
+                     f"({-q.adherence_drop:+.1f}) | {q.psnr_db_median:.1f} | {q.ssim:.3f} | "
+                     f"{'yes' if e.within_budget else 'no'} |")
     return "\n".join(lines)
 
 
-def write_bench_md(manifest: dict, path: Path) -> None:
-    hw = manifest.get("hardware", {})
-    text = (f"# Export benchmark: {manifest['model_dir']}\n\n"
-            f"Device: {manifest['device']} ({hw.get('cpu', '')}, {hw.get('threads', '?')} threads). "
-            f"Same prompts, seeds, scheduler and {manifest['config']['steps']} steps for every variant; "
-            f"{manifest['config']['num_images']} quality images; FID features: "
-            f"{next(iter(_ok(manifest).values()))['quality']['features'] if _ok(manifest) else '-'}.\n"
-            f"Budget: FID drift <= {manifest['budget']['max_fid_drift_pct']}%, adherence drop <= "
-            f"{manifest['budget']['max_adherence_drop_pts']} pts. Selected: **{manifest.get('selected')}** "
-            f"({manifest['selection_reason']}).\n\n" + bench_table(manifest) + "\n\n"
-            f"UNet: {hw.get('unet_gflop_per_step_b1', '?')} GFLOP per guided step at batch 1; measured fp32 "
-            f"matmul peak {hw.get('matmul_fp32_gflops', '?')} GFLOP/s. Achieved UNet GFLOP/s per variant: "
-            + ", ".join(f"{n} {e['bench'].get('unet_gflops_per_s')}" for n, e in _ok(manifest).items()) + ".\n\n"
+def write_bench_md(manifest: ExportManifest, path: Path) -> None:
+    hw, plan, budget, measured = manifest.hardware, manifest.plan, manifest.budget, manifest.measured()
+    features = next(iter(measured.values())).quality.features if measured else "-"
+    text = (f"# Export benchmark: {manifest.model_dir}\n\n"
+            f"Device: {manifest.device} ({hw.cpu}{', ' + hw.gpu if hw.gpu else ''}, {hw.threads} threads). "
+            f"Same prompts, seeds, scheduler and {plan.steps} steps for every variant; "
+            f"{plan.num_images} quality images; FID features: {features}.\n"
+            f"Budget: FID drift <= {budget.max_fid_drift_pct}%, adherence drop <= "
+            f"{budget.max_adherence_drop_pts} pts. Selected: **{manifest.selected}** "
+            f"({manifest.selection_reason}).\n\n" + bench_table(manifest) + "\n\n"
+            f"UNet: {hw.unet_gflop_per_step_b1} GFLOP per guided step at batch 1; measured fp32 "
+            f"matmul peak {hw.matmul_fp32_gflops} GFLOP/s. Achieved UNet GFLOP/s per variant: "
+            + ", ".join(f"{n} {e.bench.unet_gflops_per_s}" for n, e in measured.items()) + ".\n\n"
             "![latency vs FID drift](bench.png)\n")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text)

@@ -13,6 +13,9 @@ import sys
 from core.errors import UserError
 
 DESCRIPTIONS = {
+    "data check": "Check a dataset before training on it: how many images, their sizes, caption lengths, the "
+                  "words the model's tokenizer splits into many pieces, and how well the model's VAE represents the "
+                  "images (round-trip PSNR); warns with the remedy when it cannot.",
     "data shapes": "Render the synthetic captioned shapes world as an imagefolder dataset (PNGs + metadata.jsonl "
                    "with file_name, text and the ground-truth attributes), deterministically from the seed.",
     "train": "Train or fine-tune (full UNet, LoRA, or the VAE) from a YAML recipe, e.g.\n"
@@ -45,11 +48,13 @@ def _commands() -> dict[str, tuple]:
     from pipeline.generate import GenerateConfig
     from serving.config import BentoConfig, ServeConfig
     from synthetic.config import ShapesConfig
-    from training.config import TrainConfig
+    from training.config import DataCheckConfig
+    from pipeline.config import TrainAndEval
 
     return {
         "data shapes": (ShapesConfig, (), True, "the synthetic captioned shapes world"),
-        "train": (TrainConfig, (), True, "train or fine-tune (full, LoRA, VAE)"),
+        "data check": (DataCheckConfig, ("path",), True, "check a dataset against a model (VAE fit, captions)"),
+        "train": (TrainAndEval, (), True, "train or fine-tune (full, LoRA, VAE)"),
         "generate": (GenerateConfig, ("model", "prompt"), True, "generate images from a model dir"),
         "eval": (EvalJob, ("model",), True, "FID, prompt adherence, forgetting"),
         "export": (ExportConfig, ("model",), True, "optimized variants + benchmark + selection"),
@@ -111,14 +116,35 @@ def run_command(name: str, cfg, ns: argparse.Namespace) -> None:
 
         out = generate_dataset(cfg.out, cfg.n, cfg.seed, cfg.size, cfg.spec(), overwrite=cfg.overwrite)
         print(f"wrote {cfg.n} images + metadata.jsonl to {out}")
+    elif name == "data check":
+        from training.data import format_summary
+        from training.fit import check
+
+        res = check(cfg)
+        print(format_summary(res["summary"]))
+        fit = res["vae_fit"]
+        print(f"VAE round trip of {cfg.model} at {res['resolution']} px on {fit['images']} images: "
+              f"{fit['psnr_db']} dB PSNR (worst {fit['psnr_db_min']})"
+              + (f", grayscale chroma error {fit['gray_chroma_error']}/255" if fit["gray_chroma_error"] is not None else ""))
+        print(f"warning: {res['poor_fit']}" if res["poor_fit"] else f"fits: above {cfg.min_vae_psnr:g} dB")
     elif name == "train":
+        import json
+        from pathlib import Path
+
+        from core.io import write_json
+        from pipeline.run import evaluate_trained
         from training.train import main
 
-        report = main(cfg)
+        tcfg = cfg.train_config()
+        report = main(tcfg)
         if report and int(os.environ.get("RANK", "0")) == 0:
             print(f"trained {report['steps']} steps in {report['wall_time_s']} s "
                   f"({report['images_per_s']} img/s); final loss {report['final_loss']:.4f}")
             print(f"model dir: {cfg.output_dir}/model")
+            if cfg.eval is not None:
+                out = Path(cfg.output_dir)
+                saved = json.loads((out / "train_report.json").read_text())
+                write_json(out / "train_report.json", saved | {"eval": evaluate_trained(tcfg, cfg.eval, out / "eval")})
     elif name == "generate":
         from pipeline.generate import generate
 
@@ -143,7 +169,7 @@ def run_command(name: str, cfg, ns: argparse.Namespace) -> None:
 
         manifest = export_main(cfg)
         print(bench_table(manifest))
-        print(f"selected: {manifest['selected']} ({manifest['selection_reason']})")
+        print(f"selected: {manifest.selected} ({manifest.selection_reason})")
         print(f"wrote {cfg.out}/export.json, bench.md, bench.png")
     elif name == "pipeline":
         from pipeline.run import Pipeline, summary

@@ -9,8 +9,20 @@ from __future__ import annotations
 from pydantic import Field, create_model
 
 from core.config import Strict
+from evaluation.config import EvalConfig
 from export.config import ExportConfig
 from training.config import TrainConfig
+
+
+class TrainAndEval(TrainConfig):
+    """``t2i train``'s config: a training config plus an optional ``eval:`` section, which compares the
+    trained model with the one it started from once training is done."""
+
+    eval: EvalConfig | None = None
+    """Evaluate against the starting model after training (as t2i eval --compare); null skips it."""
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.model_dump(exclude={"eval"}))
 
 
 def _export_section() -> type[Strict]:
@@ -26,7 +38,7 @@ PipelineExport = _export_section()
 class PipelineConfig(Strict):
     """``t2i pipeline CONFIG --out RUN_DIR``: train -> eval -> export -> Bento -> report."""
 
-    training: TrainConfig = Field(default_factory=TrainConfig)
+    training: TrainAndEval = Field(default_factory=TrainAndEval)
     """The training stage (t2i train); its eval: section is the eval stage. A path to a training YAML
     works too."""
     export: PipelineExport = Field(default_factory=PipelineExport)

@@ -71,6 +71,7 @@ def _eval_rows(cmp: dict) -> list[list[str]]:
 
 
 def write_report(out: Path, cfg, state: dict) -> None:
+    from export.manifest import read_manifest
     from export.report import bench_table
 
     out = Path(out)
@@ -90,7 +91,7 @@ def write_report(out: Path, cfg, state: dict) -> None:
         shutil.copy(out / "eval" / "before_after.png", assets / "before_after.png")
         images.append(("Evaluation", "before_after.png", "Top row: the starting model; bottom row: the fine-tuned "
                        "model; same prompt and seed per column (prompts of the newly taught concepts)"))
-    manifest = json.loads((out / "export" / "export.json").read_text()) if (out / "export" / "export.json").exists() else None
+    manifest = read_manifest(out / "export") if (out / "export" / "export.json").exists() else None
     if manifest and (out / "export" / "bench.png").exists():
         shutil.copy(out / "export" / "bench.png", assets / "bench.png")
         images.append(("Export", "bench.png", "Latency per image against FID drift; star = selected, dashed = Pareto front"))
@@ -114,7 +115,7 @@ def write_report(out: Path, cfg, state: dict) -> None:
             md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
             md += ["", f"Adherence = shape and colour both right (domain classifier), %. FID features: {cmp['features']}.", ""]
         if section == "Export" and manifest:
-            md += [bench_table(manifest), "", f"Selected: **{manifest['selected']}** ({manifest['selection_reason']})", ""]
+            md += [bench_table(manifest), "", f"Selected: **{manifest.selected}** ({manifest.selection_reason})", ""]
         md += [f"![{cap}](report/{f})\n\n*{cap}*\n" for s, f, cap in images if s == section]
     md += ["## Serving", "", "```", *serve, "```", "", "## Config", "", "```yaml", config_yaml, "```", ""]
     _atomic_write(out / "report.md", "\n".join(md))
@@ -145,8 +146,8 @@ def write_report(out: Path, cfg, state: dict) -> None:
                          f"FID features: {html.escape(cmp['features'])}.</p>")
         if section == "Export" and manifest:
             parts.append(_md_table_to_html(bench_table(manifest)))
-            parts.append(f"<p>Selected: <b>{html.escape(str(manifest['selected']))}</b> "
-                         f"({html.escape(manifest['selection_reason'])})</p>")
+            parts.append(f"<p>Selected: <b>{html.escape(str(manifest.selected))}</b> "
+                         f"({html.escape(manifest.selection_reason)})</p>")
         parts += [img(f, cap) for s, f, cap in images if s == section]
     parts += ["<h2>Serving</h2>", f"<pre>{html.escape(chr(10).join(serve))}</pre>",
               "<h2>Config</h2>", f"<pre>{html.escape(config_yaml)}</pre>"]

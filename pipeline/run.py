@@ -55,8 +55,8 @@ class Pipeline:
         self.state_path = self.out / "pipeline.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
         # the run folder decides where training writes; the eval runs as a stage of its own
-        self.train_cfg: TrainConfig = cfg.training.model_copy(
-            update={"output_dir": str(self.out / "train"), "eval": None})
+        self.train_cfg: TrainConfig = cfg.training.train_config().model_copy(
+            update={"output_dir": str(self.out / "train")})
 
     # -- stages ---------------------------------------------------------------------------------
     def train(self) -> str:
@@ -69,18 +69,15 @@ class Pipeline:
         return f"{report['steps']} steps, final loss {report['final_loss']:.4f}, {report['images_per_s']} img/s"
 
     def eval(self) -> str:
-        from training.train import evaluate_after_training
+        from core.io import atomic_dir
 
-        if self.cfg.training.eval is None:
+        ecfg = self.cfg.training.eval
+        if ecfg is None:
             write_json(self.paths["eval"], {"skipped": "no eval: section in the config"})
             return "skipped (no eval: section in the config)"
-        ecfg = self.train_cfg.model_copy(update={"eval": self.cfg.training.eval})
-        shutil.rmtree(self.out / "eval", ignore_errors=True)  # a half-written eval from a killed run
-        (self.out / "train" / "eval").mkdir(parents=True, exist_ok=True)
-        result = evaluate_after_training(ecfg)  # writes RUN_DIR/train/eval/
-        shutil.copytree(self.out / "train" / "eval", self.out / "eval", dirs_exist_ok=True)
-        shutil.rmtree(self.out / "train" / "eval")
-        write_json(self.paths["eval"], result)
+        with atomic_dir(self.out / "eval") as tmp:  # a killed eval leaves no half-written folder
+            result = evaluate_trained(self.train_cfg, ecfg, tmp)
+            write_json(tmp / "done.json", result)
         if "summary" in result:
             s = result["summary"]
             return "; ".join(f"{k}: adherence {v['adherence_before']} -> {v['adherence_after']}%, FID "
@@ -96,7 +93,7 @@ class Pipeline:
                 **e.model_dump(exclude_none=True)}
         shutil.rmtree(self.out / "export", ignore_errors=True)  # variants of a killed run are not trusted
         manifest = export_main(ExportConfig.model_validate(base))
-        return f"selected {manifest['selected']} ({manifest['selection_reason']})"
+        return f"selected {manifest.selected} ({manifest.selection_reason})"
 
     def bento(self) -> str:
         if not self.cfg.bento:
@@ -142,6 +139,27 @@ class Pipeline:
         return self.state
 
 
+def evaluate_trained(cfg: TrainConfig, ecfg, out: Path) -> dict:
+    """Compares a trained model (cfg.output_dir/model) with the one it started from: known vs newly
+    taught concepts (the new ones: ecfg.new_concepts, else the focus words). A model trained from a
+    random preset is evaluated alone."""
+    from evaluation.evaluate import compare, evaluate, format_table
+    from training.presets import PRESETS
+
+    if not ecfg.new_concepts and cfg.focus_words_resolved():
+        ecfg = ecfg.model_copy(update={"new_concepts": cfg.focus_words_resolved()})
+        print(f"eval: new concepts = the focus words ({', '.join(ecfg.new_concepts)}); set eval.new_concepts "
+              "to choose others")
+    model = str(Path(cfg.output_dir) / "model")
+    if cfg.model.pretrained in PRESETS:  # nothing meaningful to compare a random init with
+        report = evaluate(model, str(out), ecfg)
+        print(format_table(report))
+        return {"splits": report["splits"], "features": report["features"]}
+    report = compare(model, cfg.model.pretrained, str(out), ecfg)
+    print(format_table(report))
+    return {"summary": report["summary"], "features": report["features"]}
+
+
 def _hms(s: float) -> str:
     s = int(s)
     return f"{s // 60}:{s % 60:02d}"
@@ -149,8 +167,9 @@ def _hms(s: float) -> str:
 
 def summary(out: Path) -> str:
     """What a person wants at the end: what was trained, how it scores, the bench table, how to serve."""
-    from export.report import bench_table
     from evaluation.evaluate import format_table
+    from export.manifest import read_manifest
+    from export.report import bench_table
 
     out = Path(out)
     lines = []
@@ -160,8 +179,8 @@ def summary(out: Path) -> str:
     cmp_path = out / "eval" / "compare.json"
     if cmp_path.exists():
         lines += ["", "against the starting model:", format_table(json.loads(cmp_path.read_text()))]
-    manifest = json.loads((out / "export" / "export.json").read_text())
-    lines += ["", bench_table(manifest), f"selected: {manifest['selected']} ({manifest['selection_reason']})"]
+    manifest = read_manifest(out / "export")
+    lines += ["", bench_table(manifest), f"selected: {manifest.selected} ({manifest.selection_reason})"]
     bento = json.loads((out / "bento.json").read_text()) if (out / "bento.json").exists() else {}
     if bento.get("tag"):
         lines.append(f"Bento: {bento['tag']}")

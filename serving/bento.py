@@ -7,12 +7,10 @@ the OCI image (it needs Docker).
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "export", "serving")  # what serving imports; a test checks nothing else is needed
@@ -20,26 +18,23 @@ PACKAGES = ("core", "export", "serving")  # what serving imports; a test checks 
 
 def stage(export_dir: str | Path, ctx: Path, variant: str | None = None) -> str:
     """Writes the build context under ``ctx``; returns the variant it carries."""
-    from export.loader import read_manifest
+    from export.manifest import read_manifest, write_manifest
 
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
-    name = variant or manifest.get("selected")
-    entry = manifest["variants"].get(name or "")
-    if not name or entry is None or entry.get("status") != "ok":
-        ok = [n for n, v in manifest["variants"].items() if v.get("status") == "ok"]
-        raise UserError(f"cannot bundle variant {name!r} of {export_dir}; built variants: {ok}")
+    name, entry = manifest.variant(variant, export_dir)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for pkg in PACKAGES:
         shutil.copytree(ROOT / pkg, ctx / pkg, ignore=ignore)
     shutil.copy(ROOT / "bentofile.yaml", ctx / "bentofile.yaml")
     art = ctx / "artifact"
-    shutil.copytree(export_dir / entry["dir"], art / entry["dir"], ignore=ignore)
+    shutil.copytree(export_dir / entry.dir, art / entry.dir, ignore=ignore)
     for extra in ("bench.md", "bench.png"):
         if (export_dir / extra).exists():
             shutil.copy(export_dir / extra, art / extra)
-    manifest = {**manifest, "selected": name, "variants": {name: entry}, "bundled_from": str(export_dir.resolve())}
-    (art / "export.json").write_text(json.dumps(manifest, indent=2))
+    bundled = manifest.model_copy(update={"selected": name, "variants": {name: entry},
+                                          "bundled_from": str(export_dir.resolve())})
+    write_manifest(art / "export.json", bundled)
     return name
 
 

@@ -7,6 +7,7 @@ import yaml
 from core.config import load_config
 from core.errors import UserError
 from pipeline.config import PipelineConfig
+from pipeline.config import TrainAndEval
 from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,8 +20,8 @@ def test_shipped_config_parses(path):
     if "training" in raw:  # a pipeline config: the training section may name a training YAML
         cfg = load_config(PipelineConfig, path)
         assert cfg.training.train.max_steps >= 1 and cfg.export.variants
-    elif "train" in raw or "model" in raw:
-        cfg = load_config(TrainConfig, path)
+    elif "train" in raw or "model" in raw:  # `t2i train` configs: training plus an optional eval: section
+        cfg = load_config(TrainAndEval, path)
         assert cfg.train.max_steps >= 1
     else:
         from evaluation.config import ClassifierConfig

@@ -1,6 +1,5 @@
 """Export: the shared sampling loop, every CPU variant through disk into a fresh process, the
 manifest, the selection and bad input."""
-import json
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from core.sampling import GenerationRequest
+from export.manifest import read_manifest
 from tests.conftest import ROOT, run_cli
 
 CPU_VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "int8-bnb", "compile", "onnx-fp32", "onnx-int8"]
@@ -54,37 +54,39 @@ def exported(micro_model, tmp_path_factory):
                   "--batch-sizes", "1", "--steps", "4", "--max-fid-drift", "1000", "--max-adherence-drop", "100",
                   timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
-    return out, json.loads((out / "export.json").read_text())
+    return out, read_manifest(out)
 
 
 def test_every_cpu_variant_round_trips_within_tolerance(exported):
     out, manifest = exported
     for name in CPU_VARIANTS:
-        e = manifest["variants"][name]
-        assert e["status"] == "ok", (name, e.get("reason"))
-        assert (out / e["dir"]).is_dir()
-        q = e["quality"]
+        e = manifest.variants[name]
+        assert e.status == "ok", (name, e.reason)
+        assert (out / e.dir).is_dir() and e.load.registry == name
+        q = e.quality
         # images made in a fresh process from the folder alone, compared with eager-fp32's
-        assert q["within_tolerance"], (name, q["mean_abs_px_diff"], e["tolerance_px"])
-    assert manifest["variants"]["eager-fp32"]["quality"]["mean_abs_px_diff"] == 0
+        assert q.within_tolerance, (name, q.mean_abs_px_diff, e.tolerance_px)
+    assert manifest.variants["eager-fp32"].quality.mean_abs_px_diff == 0
 
 
 def test_unsupported_variants_are_skipped_with_reason(exported):
     _, manifest = exported
     for name in ("eager-fp16", "onnx-fp16"):
-        assert manifest["variants"][name]["status"] == "skipped"
-        assert "GPU" in manifest["variants"][name]["reason"] or "CUDA" in manifest["variants"][name]["reason"]
+        e = manifest.variants[name]
+        assert e.status == "skipped" and e.dir is None and e.bench is None
+        assert "GPU" in e.reason or "CUDA" in e.reason
 
 
 def test_manifest_selection_and_reports(exported):
     out, manifest = exported
-    sel = manifest["selected"]
-    assert sel in CPU_VARIANTS and manifest["variants"][sel]["within_budget"]
-    lat = {n: e["bench"]["latency"]["1"]["median_s"] for n, e in manifest["variants"].items()
-           if e["status"] == "ok" and e.get("within_budget")}
+    sel = manifest.selected
+    assert sel in CPU_VARIANTS and manifest.variants[sel].within_budget
+    lat = {n: e.bench.latency[1].median_s for n, e in manifest.measured().items() if e.within_budget}
     assert lat[sel] == min(lat.values())
-    for key in ("load_s", "warmup_s", "peak_rss_mb", "unet_gflops_per_s"):
-        assert key in manifest["variants"][sel]["bench"]
+    bench = manifest.variants[sel].bench
+    assert bench.load_s > 0 and bench.warmup_s > 0 and bench.peak_rss_mb > 0 and bench.unet_gflops_per_s > 0
+    assert manifest.plan.batch_sizes == [1] and manifest.plan.steps == 4 and manifest.device == "cpu"
+    assert manifest.hardware.threads >= 1 and manifest.hardware.gpu is None
     assert (out / "bench.md").read_text().count("|") > 20 and (out / "bench.png").stat().st_size > 1000
     assert not (out / ".bench").exists() and not list(out.glob("*.tmp"))
 
@@ -105,7 +107,7 @@ def test_fresh_process_loads_selected_variant(exported):
             "print(g.info['variant'], im.shape)")
     res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split()[0] == manifest["selected"] and "(32, 32, 3)" in res.stdout
+    assert res.stdout.split()[0] == manifest.selected and "(32, 32, 3)" in res.stdout
 
 
 def test_bad_export_input(micro_model, tmp_path):

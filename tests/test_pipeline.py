@@ -16,20 +16,22 @@ import pytest
 import yaml
 from PIL import Image
 
+from export.manifest import read_manifest
 from tests.conftest import ROOT, micro_overrides, run_cli
 
 
 def _config(tmp: Path, model: Path, data: Path, steps: int, bento: bool = True) -> Path:
     cfg = {"export": {"variants": ["eager-fp32", "eager-bf16"], "num_images": 8, "batch_sizes": [1], "repeats": 1,
                       "steps": 2, "max_fid_drift": 1000.0, "max_adherence_drop": 100.0},
-           "eval": {"num_images": 8, "new_concepts": ["star"], "steps": 2, "batch_size": 8}, "bento": bento}
+           "training": {"eval": {"num_images": 8, "new_concepts": ["star"], "steps": 2, "batch_size": 8}},
+           "bento": bento}
     path = tmp / f"pipeline-{steps}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def _overrides(model, data, steps):
-    return [o for o in micro_overrides(model, data, Path("unused"), steps) if not o.startswith("output_dir=")]
+    return ["training." + o for o in micro_overrides(model, data, Path("unused"), steps) if not o.startswith("output_dir=")]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,8 @@ def test_all_stage_artifacts_and_summary(first_run):
     assert json.loads((run / "train" / "train_report.json").read_text())["steps"] == 4
     cmp = json.loads((run / "eval" / "compare.json").read_text())
     assert set(cmp["summary"]) == {"known", "new"}
-    manifest = json.loads((run / "export" / "export.json").read_text())
-    assert manifest["selected"] in ("eager-fp32", "eager-bf16")
+    manifest = read_manifest(run / "export")
+    assert manifest.selected in ("eager-fp32", "eager-bf16")
     tag = json.loads((run / "bento.json").read_text())["tag"]
     name, version = tag.split(":")
     assert (tmp / "bentoml" / "bentos" / name / version / "src" / "artifact" / "export.json").is_file()
@@ -98,7 +100,7 @@ def test_killed_training_resumes_and_finishes(micro_model, micro_data, tmp_path)
     cfg = _config(tmp_path, micro_model, micro_data, 30, bento=False)
     run = tmp_path / "run"
     args = [sys.executable, "-m", "pipeline.cli", "pipeline", str(cfg), "--out", str(run),
-            *_overrides(micro_model, micro_data, 30), "checkpoint.every=4", "export.variants=[eager-fp32]"]
+            *_overrides(micro_model, micro_data, 30), "training.checkpoint.every=4", "export.variants=[eager-fp32]"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -109,7 +111,7 @@ def test_killed_training_resumes_and_finishes(micro_model, micro_data, tmp_path)
     proc.wait()
     assert not (run / "train" / "train_report.json").exists()
     res = run_cli("pipeline", str(cfg), "--out", str(run), *_overrides(micro_model, micro_data, 30),
-                  "checkpoint.every=4", "export.variants=[eager-fp32]")
+                  "training.checkpoint.every=4", "export.variants=[eager-fp32]")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout + res.stderr
     assert json.loads((run / "train" / "train_report.json").read_text())["steps"] == 30

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
-import json
 import os
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from export.manifest import read_manifest
 from tests.conftest import ROOT, run_cli
 
 MAX_CONCURRENCY = 8
@@ -182,8 +182,9 @@ def test_bento_builds_with_the_artifact(export_dir, tmp_path):
     tag = res.stdout.split("built Bento ")[1].split()[0]
     name, version = tag.split(":")
     src = tmp_path / "bentoml" / "bentos" / name / version / "src"
-    manifest = json.loads((src / "artifact" / "export.json").read_text())
-    assert manifest["selected"] == "eager-fp32" and list(manifest["variants"]) == ["eager-fp32"]
+    manifest = read_manifest(src / "artifact")
+    assert manifest.selected == "eager-fp32" and list(manifest.variants) == ["eager-fp32"]
+    assert manifest.bundled_from == str(export_dir.resolve())
     assert (src / "artifact" / "eager-fp32" / "unet").is_dir()
     assert (src / "serving" / "service.py").is_file() and (src / "export" / "loader.py").is_file()
     assert (tmp_path / "bentoml" / "bentos" / name / version / "env" / "docker" / "Dockerfile").is_file()

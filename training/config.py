@@ -11,7 +11,6 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from core.config import Strict
-from evaluation.config import EvalConfig
 from synthetic.config import WorldConfig
 
 DEFAULT_PROMPTS = ["a red circle on the left", "a blue square in the top right",
@@ -22,13 +21,24 @@ DEFAULT_PROMPTS = ["a red circle on the left", "a blue square in the top right",
 
 class DataConfig(Strict):
     path: str = "data/shapes"
-    """imagefolder folder (images + metadata.jsonl) or a hub dataset id (online)."""
+    """Dataset folder: images (any size, mode, orientation) with captions in metadata.jsonl, metadata.csv
+    or side-car .txt/.caption files; or a hub dataset id (online)."""
     image_column: str = "image"
     """Column holding the image."""
     caption_column: str = "text"
     """Column holding the caption."""
     on_bad_image: Literal["skip", "error"] = "skip"
     """What to do with an image that fails to decode: skip it (and count it) or stop."""
+    crop: Literal["center", "random"] = "center"
+    """How a non-square image becomes square: its centre, or a random window along the long side
+    (drawn once per image from train.seed)."""
+    flip: bool = False
+    """Random horizontal flips (each image is seen in both orientations)."""
+    on_poor_fit: Literal["warn", "error"] = "warn"
+    """What to do when the model's VAE cannot represent the images (round-trip PSNR below
+    data.min_vae_psnr): warn with the remedy, or stop before training."""
+    min_vae_psnr: float = 20.0
+    """Round-trip PSNR (dB) of the VAE on a sample of the dataset under which it counts as a poor fit."""
     synthetic: WorldConfig | None = None
     """If set, render the synthetic dataset at `path` first (again when it was rendered with other
     settings; a folder not rendered by t2i is used as it is)."""
@@ -173,8 +183,6 @@ class TrainConfig(Strict):
     """TensorBoard logging and sample grids."""
     checkpoint: CheckpointArgs = CheckpointArgs()
     """Checkpointing and resume."""
-    eval: EvalConfig | None = None
-    """Evaluate against the starting model after training (t2i eval --compare); null skips it."""
 
     def focus_words_resolved(self) -> list[str]:
         """train.focus_words, else data.synthetic.focus (lower-cased)."""
@@ -189,3 +197,24 @@ class TrainConfig(Strict):
             raise ValueError("train.focus_token_learning_rate needs the focus words: set train.focus_words "
                              "(or data.synthetic.focus)")
         return self
+
+
+class DataCheckConfig(Strict):
+    """``t2i data check DIR``: a dataset's summary and how well a model's VAE represents its images."""
+
+    path: str
+    """Dataset folder (images + metadata.jsonl / metadata.csv / side-car captions) or hub id."""
+    model: str = "models/tiny-base"
+    """Model dir whose VAE and tokenizer are checked against the data."""
+    resolution: int | None = None
+    """Side the images are cropped and resized to (default: the model's native size)."""
+    caption_column: str = "text"
+    """Column holding the caption."""
+    image_column: str = "image"
+    """Column holding the image (hub datasets)."""
+    crop: Literal["center", "random"] = "center"
+    """How a non-square image becomes square."""
+    samples: int = Field(32, ge=1)
+    """Images the VAE round trip is measured on (evenly spaced through the dataset)."""
+    min_vae_psnr: float = 20.0
+    """Round-trip PSNR (dB) under which the VAE counts as a poor fit for the data."""

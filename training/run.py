@@ -18,6 +18,8 @@ from core.images import to_pixels
 from core.models import size_factor
 from training.checkpoints import find_checkpoint, resume
 from training.config import TrainConfig
+from training.data import format_summary, summary
+from training.fit import poor_fit_message, vae_round_trip
 
 
 def prepare_data(cfg: TrainConfig, resolution: int):
@@ -34,7 +36,8 @@ def prepare_data(cfg: TrainConfig, resolution: int):
             # our own rendering, of other settings: a stale dataset would silently train the old recipe
             print(f"{d.path} was rendered with other data.synthetic settings; rendering it again")
             generate_dataset(d.path, s.n, s.seed, s.size, spec, overwrite=True)
-    return load_imagefolder(d.path, resolution, d.image_column, d.caption_column, d.on_bad_image)
+    return load_imagefolder(d.path, resolution, d.image_column, d.caption_column, d.on_bad_image, d.crop,
+                            cfg.train.seed)
 
 
 def check_resolution(comps, res: int) -> None:
@@ -104,6 +107,16 @@ class Run:
                       f"{'' if t.focus_words is not None else ' (from data.synthetic.focus)'}")
         for m in (comps.vae, comps.text_encoder, comps.unet):  # frozen parts too; prepare() moves only trained ones
             m.to(acc.device)
+        self.data_summary = summary(self.data, comps.tokenizer)
+        self.fit = None if t.what == "vae" else vae_round_trip(comps.vae, self.data.pixels)
+        acc.print(format_summary(self.data_summary))
+        if self.fit is not None:
+            acc.print(f"VAE round trip on {self.fit['images']} of these images: {self.fit['psnr_db']} dB PSNR")
+            problem = poor_fit_message(self.fit, cfg.model.pretrained, cfg.data.min_vae_psnr)
+            if problem and cfg.data.on_poor_fit == "error":
+                raise UserError(problem)
+            if problem:
+                acc.print(f"warning: {problem}")
         self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
                                      (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier))
         self.trainable = self._select_trainable(comps)
@@ -201,10 +214,11 @@ class Run:
     @torch.no_grad()
     def build_caches(self) -> None:
         show = self.acc.is_local_main_process
-        if self.cache_latents:
+        if self.cache_latents:  # with data.flip, each image's mirror image is cached behind the originals
+            pixels = torch.cat([self.pixels, self.pixels.flip(2)]) if self.cfg.data.flip else self.pixels
             means, stds = [], []
-            for i in tqdm(range(0, len(self.pixels), 64), desc="caching latents", leave=False, disable=not show):
-                m, s = self.model.encode_images(to_pixels(self.pixels[i:i + 64]).to(self.acc.device))
+            for i in tqdm(range(0, len(pixels), 64), desc="caching latents", leave=False, disable=not show):
+                m, s = self.model.encode_images(to_pixels(pixels[i:i + 64]).to(self.acc.device))
                 means.append(m)
                 stds.append(s)
             self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
@@ -230,17 +244,24 @@ class Run:
         """(latents, text embeddings) of a micro-batch; (pixels, None) for the VAE stage."""
         t = self.cfg.train
         device = self.acc.device
+        flip = torch.rand(len(idx)) < 0.5 if self.cfg.data.flip else torch.zeros(len(idx), dtype=torch.bool)
         if t.what == "vae":
-            return to_pixels(self.pixels[idx]).to(device), None
+            return to_pixels(self._pixels(idx, flip)).to(device), None
         captions = [self.data.captions[i] for i in idx]
         drop = torch.rand(len(captions)) < t.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         if self.cache_latents:
-            latents = self.model.sample_latents(self.lat_mean[idx], self.lat_std[idx])
+            rows = torch.as_tensor(idx) + flip.long() * len(self.pixels)
+            latents = self.model.sample_latents(self.lat_mean[rows], self.lat_std[rows])
         else:
-            latents = self.model.sample_latents(*self.model.encode_images(to_pixels(self.pixels[idx]).to(device)))
+            latents = self.model.sample_latents(*self.model.encode_images(to_pixels(self._pixels(idx, flip)).to(device)))
         if self.cache_text:
             emb = self.text_cache[[self.caption_index[c] for c in captions]]
         else:
             emb = self.model.encode_text(captions)
         return latents, emb
+
+    def _pixels(self, idx: np.ndarray, flip: torch.Tensor) -> torch.Tensor:
+        x = self.pixels[idx].clone()
+        x[flip] = x[flip].flip(2)  # NHWC: dimension 2 is the width
+        return x

@@ -6,7 +6,6 @@ optionally with the text encoder. ``training.run`` builds the run; this file adv
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -103,7 +102,7 @@ def run_loop(run: Run) -> dict:
             "focus_words": run.focus_words,
             "ema_decay_last": None if run.ema is None or run.ema.cur_decay_value is None
             else round(run.ema.cur_decay_value, 6),
-            "skipped_images": run.data.skipped,
+            "skipped_images": run.data.skipped, "data": run.data_summary, "vae_fit": run.fit,
             "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
 
 
@@ -203,26 +202,4 @@ def main(cfg: TrainConfig) -> dict:
     run = setup(cfg)
     report = run_loop(run)
     save(run, report)
-    if cfg.eval is not None and run.acc.is_main_process:
-        report["eval"] = evaluate_after_training(cfg)
-        path = run.out / "train_report.json"
-        write_json(path, {**json.loads(path.read_text()), "eval": report["eval"]})
     return report
-
-
-def evaluate_after_training(cfg: TrainConfig) -> dict:
-    """Compares the trained model with the one it started from (known vs newly taught concepts)."""
-    from evaluation.evaluate import compare, evaluate, format_table
-    from training.presets import PRESETS
-
-    ecfg = cfg.eval
-    if not ecfg.new_concepts and cfg.data.synthetic is not None:
-        ecfg = ecfg.model_copy(update={"new_concepts": list(cfg.data.synthetic.focus)})
-    model, out = str(Path(cfg.output_dir) / "model"), str(Path(cfg.output_dir) / "eval")
-    if cfg.model.pretrained in PRESETS:  # nothing meaningful to compare a random init with
-        report = evaluate(model, out, ecfg)
-        print(format_table(report))
-        return {"splits": report["splits"], "features": report["features"]}
-    report = compare(model, cfg.model.pretrained, out, ecfg)
-    print(format_table(report))
-    return {"summary": report["summary"], "features": report["features"]}

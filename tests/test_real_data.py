@@ -1,0 +1,107 @@
+"""Datasets as users have them: any size, mode and orientation; captions in JSONL, CSV or side-car
+files; a summary and a VAE fit check before training."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import UserError
+from tests.conftest import ROOT, run_cli
+from training.data import load_imagefolder
+
+BASE = ROOT / "models" / "tiny-base"
+
+
+def _write(folder, name, im):
+    folder.mkdir(parents=True, exist_ok=True)
+    im.save(folder / name)
+    return name
+
+
+def test_modes_orientation_and_aspect(tmp_path):
+    d = tmp_path / "d"
+    red = np.zeros((40, 80, 3), np.uint8)
+    red[:, :40] = (255, 0, 0)  # left half red, right half black: the centre crop keeps both
+    names = [
+        _write(d, "wide.png", Image.fromarray(red)),
+        _write(d, "gray.png", Image.fromarray(np.full((32, 32), 100, np.uint8), "L")),
+        _write(d, "rgba.png", Image.fromarray(np.zeros((32, 32, 4), np.uint8), "RGBA")),  # transparent -> white
+        _write(d, "p.png", Image.fromarray(np.full((32, 32, 3), (0, 0, 255), np.uint8)).convert("P")),
+        _write(d, "deep.png", Image.fromarray(np.full((32, 32), 65535, np.uint16))),  # 16-bit white
+    ]
+    tall = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[:, None, None], (1, 32, 3)))  # 64h x 32w
+    exif = tall.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": shown as 32h x 64w, dark on the right
+    tall.save(d / "exif.jpg", exif=exif, quality=95)
+    names.append("exif.jpg")
+    (d / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": f"image {n}"}) + "\n" for n in names))
+    data = load_imagefolder(str(d), 16)
+    px = dict(zip([r["file_name"] for r in data.rows], data.pixels))
+    assert data.pixels.shape == (6, 16, 16, 3) and data.skipped == 0
+    assert (px["wide.png"][:, :7] == (255, 0, 0)).all() and (px["wide.png"][:, 9:] == 0).all()
+    assert (px["gray.png"] == 100).all()  # grayscale stays gray: equal channels
+    assert (px["rgba.png"] == 255).all()
+    assert (px["p.png"] == (0, 0, 255)).all()
+    assert (px["deep.png"] == 255).all()
+    assert dict(zip([r["file_name"] for r in data.rows], data.sizes))["exif.jpg"] == (64, 32)
+    row = px["exif.jpg"][8, :, 0].astype(int)
+    assert row[0] > row[-1] + 100  # EXIF applied: the bright end is on the left
+
+
+def test_captions_from_csv_and_side_car_files(tmp_path):
+    img = Image.fromarray(np.full((20, 20, 3), 128, np.uint8))
+    csv_dir, side = tmp_path / "csv", tmp_path / "side"
+    _write(csv_dir, "a.png", img)
+    _write(csv_dir, "b.png", img)
+    (csv_dir / "metadata.csv").write_text('file_name,text\na.png,"a photo, of a cat"\nb.png,a dog\n')
+    assert load_imagefolder(str(csv_dir), 16).captions == ["a photo, of a cat", "a dog"]
+    _write(side, "x.png", img)
+    _write(side / "sub", "y.jpg", img)
+    (side / "x.txt").write_text("a red fox\n")
+    (side / "sub" / "y.caption").write_text("a grey owl")
+    assert sorted(load_imagefolder(str(side), 16).captions) == ["a grey owl", "a red fox"]
+    (side / "x.txt").unlink()
+    with pytest.raises(UserError, match="x.png has no caption"):
+        load_imagefolder(str(side), 16)
+    none = tmp_path / "none"
+    _write(none, "z.png", img)
+    with pytest.raises(UserError, match="no captions"):
+        load_imagefolder(str(none), 16)
+
+
+def _photo_like(folder, n=12, seed=0):
+    """Images the shipped VAE (trained on flat shapes) cannot represent: fine random texture."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        _write(folder, f"{i}.png", Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+        (folder / f"{i}.txt").write_text(f"texture number {i}")
+
+
+def test_data_check_warns_only_when_the_vae_cannot_represent_the_data(micro_data, tmp_path):
+    noise = tmp_path / "noise"
+    _photo_like(noise)
+    bad = run_cli("data", "check", str(noise), "--model", str(BASE), "--samples", "8")
+    assert bad.returncode == 0, bad.stderr
+    assert "warning:" in bad.stdout and "train.what=vae" in bad.stdout and "12 images" in bad.stdout
+    good = run_cli("data", "check", str(micro_data), "--model", str(BASE), "--samples", "8")
+    assert good.returncode == 0, good.stderr
+    assert "warning:" not in good.stdout and "fits" in good.stdout
+
+
+def test_training_reports_the_fit_and_can_refuse_a_poor_one(micro_model, tmp_path):
+    from core.config import load_config
+    from tests.conftest import micro_overrides
+    from training.config import TrainConfig
+    from training.run import Run
+
+    noise = tmp_path / "noise"
+    _photo_like(noise, n=8)
+    cfg = load_config(TrainConfig, None, micro_overrides(micro_model, noise, tmp_path / "out", 1)
+                      + ["data.on_poor_fit=error", "data.min_vae_psnr=99"])
+    with pytest.raises(UserError, match="train.what=vae"):
+        Run(cfg)
+    assert not (tmp_path / "out").exists()
+    run = Run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_poor_fit": "warn"})}))
+    assert run.fit["images"] == 8 and run.fit["psnr_db"] < 99
+    assert run.data_summary["images"] == 8 and run.data_summary["unique_captions"] == 8
