@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, micro_overrides
+
+pytestmark = pytest.mark.slow  # runs the CLI / a server / training in subprocesses
 
 
 def test_two_process_accelerate_run(micro_model, micro_data, tmp_path):

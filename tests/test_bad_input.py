@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import micro_overrides, run_cli
 
+pytestmark = pytest.mark.slow  # runs the CLI / a server / training in subprocesses
+
 
 def _assert_clean_error(res, *needles):
     assert res.returncode == 2, res.stderr[-2000:]

@@ -1,6 +1,7 @@
 """The CLI as a user runs it: help text, data and generate."""
 import json
 
+import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
@@ -69,6 +70,7 @@ def test_data_command_writes_imagefolder(tmp_path):
     assert res.returncode == 2 and "already exists" in res.stderr
 
 
+@pytest.mark.slow
 def test_generate_writes_pngs(micro_model, tmp_path):
     res = run_cli("generate", str(micro_model), "a red circle on the left", "--out", str(tmp_path / "x.png"),
                   "--steps", "2", "--num-images", "2", "--scheduler", "ddim")

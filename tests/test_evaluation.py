@@ -111,6 +111,7 @@ def test_split_fid_uses_each_split_s_own_reference_images_from_every_block(class
         assert report["splits"][split]["fid"] == pytest.approx(want, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_compare_separates_known_and_new(micro_model, tmp_path):
     cfg = EvalConfig(num_images=8, new_concepts=["star"], steps=2, batch_size=8)
     report = compare(str(micro_model), str(micro_model), str(tmp_path / "cmp"), cfg)
@@ -123,6 +124,7 @@ def test_compare_separates_known_and_new(micro_model, tmp_path):
     assert (tmp_path / "cmp" / "compare.json").exists() and (tmp_path / "cmp" / "before_after.png").exists()
 
 
+@pytest.mark.slow
 def test_compare_reuses_base_images_until_the_base_changes(micro_model, tmp_path, monkeypatch):
     import shutil
 

@@ -57,6 +57,7 @@ def exported(micro_model, tmp_path_factory):
     return out, read_manifest(out)
 
 
+@pytest.mark.slow
 def test_every_cpu_variant_round_trips_within_tolerance(exported):
     out, manifest = exported
     for name in CPU_VARIANTS:
@@ -69,6 +70,7 @@ def test_every_cpu_variant_round_trips_within_tolerance(exported):
     assert manifest.variants["eager-fp32"].quality.mean_abs_px_diff == 0
 
 
+@pytest.mark.slow
 def test_unsupported_variants_are_skipped_with_reason(exported):
     _, manifest = exported
     for name in ("eager-fp16", "onnx-fp16"):
@@ -77,6 +79,7 @@ def test_unsupported_variants_are_skipped_with_reason(exported):
         assert "GPU" in e.reason or "CUDA" in e.reason
 
 
+@pytest.mark.slow
 def test_manifest_selection_and_reports(exported):
     out, manifest = exported
     sel = manifest.selected
@@ -91,6 +94,7 @@ def test_manifest_selection_and_reports(exported):
     assert not (out / ".bench").exists() and not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_onnx_folders_have_optimum_layout(exported):
     out, _ = exported
     for name in ("onnx-fp32", "onnx-int8"):
@@ -100,6 +104,7 @@ def test_onnx_folders_have_optimum_layout(exported):
         assert (d / "tokenizer").is_dir() and (d / "scheduler").is_dir() and (d / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_selected_variant(exported):
     out, manifest = exported
     code = ("import sys; from export.loader import load; from core.sampling import GenerationRequest;"
@@ -110,6 +115,7 @@ def test_fresh_process_loads_selected_variant(exported):
     assert res.stdout.split()[0] == manifest.selected and "(32, 32, 3)" in res.stdout
 
 
+@pytest.mark.slow
 def test_bad_export_input(micro_model, tmp_path):
     res = run_cli("export", str(tmp_path / "missing"), "--out", str(tmp_path / "e"))
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr

@@ -19,6 +19,8 @@ from PIL import Image
 from export.manifest import read_manifest
 from tests.conftest import ROOT, micro_overrides, run_cli
 
+pytestmark = pytest.mark.slow  # runs the CLI / a server / training in subprocesses
+
 
 def _config(tmp: Path, model: Path, data: Path, steps: int, bento: bool = True) -> Path:
     cfg = {"export": {"variants": ["eager-fp32", "eager-bf16"], "num_images": 8, "batch_sizes": [1], "repeats": 1,

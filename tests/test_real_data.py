@@ -78,6 +78,7 @@ def _photo_like(folder, n=12, seed=0):
         (folder / f"{i}.txt").write_text(f"texture number {i}")
 
 
+@pytest.mark.slow
 def test_data_check_warns_only_when_the_vae_cannot_represent_the_data(micro_data, tmp_path):
     noise = tmp_path / "noise"
     _photo_like(noise)

@@ -20,6 +20,8 @@ from PIL import Image
 from export.manifest import read_manifest
 from tests.conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # runs the CLI / a server / training in subprocesses
+
 MAX_CONCURRENCY = 8
 
 

@@ -60,6 +60,7 @@ def test_checkpoint_limit_and_atomic_names(full_run):
     assert ckpts == ["checkpoint-0000002", "checkpoint-0000004"]  # total_limit=2 keeps the newest two
 
 
+@pytest.mark.slow
 def test_resume_is_exact(micro_model, micro_data, tmp_path):
     """Resuming from step 4 of a 6-step run lands on bit-identical weights (optimizer, LR, RNG, data order)."""
     import shutil
@@ -76,6 +77,7 @@ def test_resume_is_exact(micro_model, micro_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 def test_lora_saves_adapter_and_fused_model(micro_model, micro_data, tmp_path):
     out = tmp_path / "lora"
     main(_cfg(micro_model, micro_data, out, steps=3, extra=["train.what=lora", "lora.rank=4",
@@ -97,6 +99,7 @@ def test_vae_stage_sets_latent_scale(micro_model, micro_data, tmp_path):
     assert cfg["scaling_factor"] != 0.18215 and cfg["scaling_factor"] > 0
 
 
+@pytest.mark.slow
 def test_zero_terminal_snr_is_trained_and_saved(micro_model, micro_data, tmp_path):
     from diffusers import DDPMScheduler
 
@@ -173,6 +176,7 @@ def test_non_finite_loss_stops_cleanly(micro_model, micro_data, tmp_path):
     assert list((out / "checkpoints").glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_ema_decay_applies_from_the_first_step_without_warmup(micro_model, micro_data, tmp_path):
     # diffusers' warm-up caps the decay at (1 + s) / (10 + s): 0.4 at the 6th step, whatever ema_decay says
     start = _unet_weights(micro_model)
@@ -191,6 +195,7 @@ def test_ema_decay_applies_from_the_first_step_without_warmup(micro_model, micro
     assert moved["constant"] < 0.3 * moved["warmup"] < 0.3 * moved["none"]
 
 
+@pytest.mark.slow
 def test_focus_token_learning_rate_moves_only_the_focus_words_embeddings(micro_model, micro_data, tmp_path):
     from transformers import CLIPTextModel, CLIPTokenizer
 
