@@ -146,23 +146,25 @@ def load_imagefolder(path: str, resolution: int, image_column: str = "image", ca
     (``'error'``) instead of failing mid-epoch.
     """
     local = Path(path)
-    rng = random.Random(seed)
     if not local.exists():
         if "/" in path and not path.startswith((".", "/")):
-            return _load_hub(path, resolution, image_column, caption_column, on_bad_image, crop, rng)
-        raise UserError(f"dataset folder {path} does not exist")
-    if not local.is_dir():
+            rows = _hub_rows(path, image_column, caption_column)
+        else:
+            raise UserError(f"dataset folder {path} does not exist")
+    elif not local.is_dir():
         raise UserError(f"dataset path {path} is not a folder")
-    if not any(local.iterdir()):
+    elif not any(local.iterdir()):
         raise UserError(f"dataset folder {path} is empty")
-    rows, _ = caption_rows(local, caption_column)
+    else:
+        rows = [(local / r["file_name"], r["file_name"], r) for r in caption_rows(local, caption_column)[0]]
+    rng = random.Random(seed)
     pixels, captions, kept, sizes, skipped = [], [], [], [], 0
-    for row in tqdm(rows, desc="decoding images", unit="img", leave=False):
+    for src, name, row in tqdm(rows, desc="decoding images", unit="img", leave=False):
         try:
-            img, size = decode(local / row["file_name"], resolution, crop, rng)
+            img, size = decode(src, resolution, crop, rng)
         except Exception as e:
             if on_bad_image == "error":
-                raise UserError(f"image {row['file_name']} cannot be decoded: {e}") from None
+                raise UserError(f"image {name} cannot be decoded: {e}") from None
             skipped += 1
             continue
         pixels.append(img)
@@ -174,7 +176,8 @@ def load_imagefolder(path: str, resolution: int, image_column: str = "image", ca
     return LoadedImages(np.stack(pixels), captions, skipped, kept, sizes)
 
 
-def _load_hub(path, resolution, image_column, caption_column, on_bad_image, crop, rng) -> LoadedImages:
+def _hub_rows(path: str, image_column: str, caption_column: str):
+    """(image source, name, row) of a hub dataset, images left encoded."""
     import datasets
     from datasets import Image as ImageFeature
 
@@ -185,28 +188,12 @@ def _load_hub(path, resolution, image_column, caption_column, on_bad_image, crop
     for col in (image_column, caption_column):
         if col not in ds.column_names:
             raise UserError(f"dataset has no column {col!r}; columns: {ds.column_names}")
-    ds = ds.cast_column(image_column, ImageFeature(decode=False))
-    pixels, captions, rows, sizes, skipped = [], [], [], [], 0
-    for row in tqdm(ds, desc="decoding images", unit="img", leave=False):
+    for row in ds.cast_column(image_column, ImageFeature(decode=False)):
         caption = row[caption_column]
         if not isinstance(caption, str) or not caption.strip():
             raise UserError(f"a row has no caption in column {caption_column!r}")
         image = row[image_column]
-        try:
-            img, size = decode(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"], resolution,
-                               crop, rng)
-        except Exception as e:
-            if on_bad_image == "error":
-                raise UserError(f"image {image.get('path')} cannot be decoded: {e}") from None
-            skipped += 1
-            continue
-        pixels.append(img)
-        captions.append(caption)
-        rows.append({k: v for k, v in row.items() if k != image_column})
-        sizes.append(size)
-    if not pixels:
-        raise UserError(f"no decodable images in {path} ({skipped} failed)")
-    return LoadedImages(np.stack(pixels), captions, skipped, rows, sizes)
+        yield io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"], image.get("path"), row
 
 
 def summary(data: LoadedImages, tokenizer=None, max_pieces: int = 3) -> dict:
