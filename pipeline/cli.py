@@ -36,6 +36,9 @@ DESCRIPTIONS = {
              "(OpenAI Images API), GET /info; /healthz, /readyz, /livez and /metrics. Ctrl-C or SIGTERM stops it.",
     "bento": "Build a Bento (bentofile.yaml) carrying the service code and one variant of an export dir into the "
              "local Bento store ($BENTOML_HOME); `bentoml containerize TAG` then builds the OCI image (needs Docker).",
+    "train-autoencoder": "Fine-tune a model's VAE on a broad image mix (packaged photos, procedural textures, the "
+                         "synthetic world) while keeping its latents of the synthetic world, so the base UNet stays "
+                         "valid; writes OUT/vae (the best held-out checkpoint) and OUT/metrics.jsonl.",
     "train-classifier": "Train the domain classifier (adherence heads + domain-FID features) on generator images.",
 }
 
@@ -48,7 +51,7 @@ def _commands() -> dict[str, tuple]:
     from pipeline.generate import GenerateConfig
     from serving.config import BentoConfig, ServeConfig
     from synthetic.config import ShapesConfig
-    from training.config import DataCheckConfig
+    from training.config import AutoencoderConfig, DataCheckConfig
     from pipeline.config import TrainAndEval
 
     return {
@@ -61,6 +64,7 @@ def _commands() -> dict[str, tuple]:
         "pipeline": (PipelineConfig, (), True, "train -> eval -> export -> Bento, one command"),
         "serve": (ServeConfig, ("export_dir",), True, "serve an export dir over HTTP (BentoML)"),
         "bento": (BentoConfig, ("export_dir",), True, "build a Bento of an export dir"),
+        "train-autoencoder": (AutoencoderConfig, (), True, "make a VAE that represents real images"),
         "train-classifier": (ClassifierConfig, (), True, "train the domain classifier"),
     }
 
@@ -187,6 +191,13 @@ def run_command(name: str, cfg, ns: argparse.Namespace) -> None:
         print(f"built Bento {out['tag']} (variant {out['variant']}) at {out['path']}")
         print(f"serve it:        bentoml serve {out['tag']}")
         print(f"containerize it: bentoml containerize {out['tag']}   (needs Docker)")
+    elif name == "train-autoencoder":
+        from training.autoencoder import main as train_autoencoder
+
+        best = train_autoencoder(cfg)
+        print(f"best at step {best['step']}: held-out photos {best['psnr_photos']} dB, grayscale "
+              f"{best['psnr_gray']} dB (chroma error {best['gray_chroma_err']}/255), synthetic world "
+              f"{best['psnr_synthetic']} dB; wrote {cfg.output_dir}/vae")
     elif name == "train-classifier":
         from evaluation.classifier import train_classifier
 

@@ -218,3 +218,37 @@ class DataCheckConfig(Strict):
     """Images the VAE round trip is measured on (evenly spaced through the dataset)."""
     min_vae_psnr: float = 20.0
     """Round-trip PSNR (dB) under which the VAE counts as a poor fit for the data."""
+
+
+class AutoencoderConfig(Strict):
+    """``t2i train-autoencoder``: fine-tune a model's VAE on a broad image mix (packaged photos,
+    procedural textures, the synthetic world) while keeping its latents of the synthetic world, so a
+    UNet trained on the old latent space stays valid."""
+
+    base: str = "models/tiny-base"
+    """Model dir whose VAE is fine-tuned (its vae/ folder)."""
+    output_dir: str = "runs/vae-general"
+    """Writes vae/ (the best held-out checkpoint, a diffusers AutoencoderKL folder) and metrics.jsonl."""
+    steps: int = Field(4000, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(32, ge=2)
+    """Images per step (photo crops + textures + synthetic scenes)."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate (100 warm-up steps, then cosine)."""
+    synthetic_fraction: float = Field(0.3, ge=0, lt=1)
+    """Share of each batch from the synthetic world (these carry the latent anchor)."""
+    texture_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of each batch of procedural textures; the rest are packaged-photo crops."""
+    anchor_weight: float = Field(1.0, ge=0)
+    """Weight of ||E(x) - E_old(x)||^2 on the synthetic images, plus the reconstruction of D(E_old(x)):
+    the encoder keeps the old latents of the world and the decoder still decodes them. 0 disables."""
+    kl_weight: float = 1e-6
+    """KL weight."""
+    decoder_only: bool = False
+    """Train the decoder alone (the latent space cannot move; less room to represent new images)."""
+    held_out: list[str] = ["sklearn:china.jpg", "sklearn:flower.jpg", "skimage:coffee", "skimage:camera"]
+    """Whole photos never trained on; the held-out PSNR is measured on crops of them."""
+    eval_every: int = Field(250, ge=1)
+    """Steps between evaluations (held-out photos, grayscale, synthetic world)."""
+    seed: int = 0
+    """Seed of the crops, the scenes and the initialisation of the optimizer state."""

@@ -1,0 +1,147 @@
+"""``t2i train-autoencoder``: a general autoencoder for the shipped base, without retraining its UNet.
+
+The tiny base's VAE was trained on flat-coloured shapes only and cannot represent photos. This
+recipe fine-tunes the whole VAE on crops of the packaged photos (several scales, flips, colour
+jitter, grayscale), procedural textures and the synthetic world, with a latent anchor on the
+synthetic images (``AutoencoderConfig.anchor_weight``): the encoder keeps the old latents of the
+world and the decoder keeps decoding them, so the base UNet, trained on those latents, stays
+valid. Whole photos are held out for the PSNR figure. Writes OUT/vae (the best held-out
+checkpoint) and OUT/metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from core.errors import UserError
+from core.io import replace_dir
+from training.config import AutoencoderConfig
+from training.photos import packaged_photos, random_crop, texture
+
+
+def _synthetic(rng: random.Random, size: int) -> np.ndarray:
+    from synthetic.world import WorldSpec, render_scene, sample_scene
+
+    return np.asarray(render_scene(sample_scene(rng, WorldSpec(max_shapes=rng.choice([1, 1, 2, 3]))), size, rng))
+
+
+def _to_x(batch: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b) / 2).pow(2).mean(dim=[1, 2, 3])
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def eval_sets(sources: dict, held_out: list[str], size: int) -> dict[str, torch.Tensor]:
+    """Fixed evaluation images: 32 crops of each held-out photo, 64 of them in grayscale, 128 scenes."""
+    rng = random.Random(1234)
+    held = [random_crop(rng, sources[n], size, jitter=False) for n in held_out if n in sources for _ in range(32)]
+    gray = [np.repeat(np.asarray(Image.fromarray(im).convert("L"))[..., None], 3, -1) for im in held[:64]]
+    syn = [_synthetic(random.Random(10_000 + i), size) for i in range(128)]
+    return {"photos": _to_x(held), "gray": _to_x(gray), "synthetic": _to_x(syn)}
+
+
+@torch.no_grad()
+def evaluate(vae, old, sets: dict) -> dict:
+    """Held-out photo, grayscale and synthetic PSNR; grayscale chroma error (0-255); how far the
+    encoder's synthetic latents moved from the old encoder's, and how the old latents decode."""
+    vae.eval()
+    out = {}
+
+    def chunks(x):
+        return [x[i:i + 64] for i in range(0, len(x), 64)]
+    for name, x in sets.items():
+        rec = torch.cat([vae(c).sample for c in chunks(x)])
+        out[f"psnr_{name}"] = round(float(psnr(rec, x).mean()), 3)
+        if name == "gray":
+            r = (rec.clamp(-1, 1) + 1) * 127.5
+            out["gray_chroma_err"] = round(float((r - r.mean(1, keepdim=True)).abs().mean()), 3)
+        if name == "synthetic":
+            z_new = torch.cat([vae.encode(c).latent_dist.mean for c in chunks(x)])
+            z_old = torch.cat([old.encode(c).latent_dist.mean for c in chunks(x)])
+            out["latent_drift_rel"] = round(float((z_new - z_old).norm() / z_old.norm()), 4)
+            dec_old = torch.cat([vae.decode(z).sample for z in chunks(z_old)])
+            out["psnr_synthetic_old_latents"] = round(float(psnr(dec_old, x).mean()), 3)
+    vae.train()
+    return out
+
+
+def main(cfg: AutoencoderConfig) -> dict:
+    """Trains; returns the best evaluation (by held-out photo PSNR)."""
+    from diffusers import AutoencoderKL
+
+    vae_dir = Path(cfg.base) / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise UserError(f"{cfg.base} has no vae/ folder (a diffusers model dir is expected)")
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
+    old = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
+    size = vae.config.sample_size
+    sources = packaged_photos()
+    unknown = [n for n in cfg.held_out if n not in sources]
+    if unknown:
+        raise UserError(f"held_out names {unknown} are not packaged photos; known: {sorted(sources)}")
+    train_src = [k for k in sources if k not in cfg.held_out]
+    sets = eval_sets(sources, cfg.held_out, size)
+    if cfg.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    rng = random.Random(cfg.seed)
+    best = {"step": 0, **evaluate(vae, old, sets)}
+    log = open(out / "metrics.jsonl", "w")
+    log.write(json.dumps(best) + "\n")
+    n_syn = int(round(cfg.batch_size * cfg.synthetic_fraction))
+    n_tex = int(round(cfg.batch_size * cfg.texture_fraction))
+    t0 = time.time()
+    bar = tqdm(range(1, cfg.steps + 1), desc="training the autoencoder", unit="step", dynamic_ncols=True)
+    for step in bar:
+        nat = [random_crop(rng, sources[rng.choice(train_src)], size) for _ in range(cfg.batch_size - n_syn - n_tex)]
+        x = _to_x(nat + [texture(rng, size) for _ in range(n_tex)] + [_synthetic(rng, size) for _ in range(n_syn)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+        if n_syn and cfg.anchor_weight > 0:
+            xs = x[-n_syn:]
+            with torch.no_grad():
+                z_old = old.encode(xs).latent_dist.mean
+            if not cfg.decoder_only:
+                loss = loss + cfg.anchor_weight * F.mse_loss(post.mean[-n_syn:], z_old)
+            rec_old = vae.decode(z_old).sample
+            loss = loss + F.l1_loss(rec_old, xs) + F.mse_loss(rec_old, xs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", best_psnr=best["psnr_photos"])
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            m = {"step": step, "wall_s": round(time.time() - t0, 1), **evaluate(vae, old, sets)}
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            if m["psnr_photos"] > best["psnr_photos"] or best["step"] == 0:
+                best = m
+                tmp = out / "vae.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                vae.save_pretrained(tmp, safe_serialization=True)
+                replace_dir(tmp, out / "vae")
+    log.close()
+    return best
