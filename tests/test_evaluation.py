@@ -113,6 +113,10 @@ def test_split_fid_uses_each_split_s_own_reference_images_from_every_block(class
 
 @pytest.mark.slow
 def test_compare_separates_known_and_new(micro_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     cfg = EvalConfig(num_images=8, new_concepts=["star"], steps=2, batch_size=8)
     report = compare(str(micro_model), str(micro_model), str(tmp_path / "cmp"), cfg)
     assert set(report["summary"]) == {"known", "new"}
@@ -122,6 +126,17 @@ def test_compare_separates_known_and_new(micro_model, tmp_path):
         assert row["adherence_before"] == row["adherence_after"]
         assert row["fid_before"] == pytest.approx(row["fid_after"])
     assert (tmp_path / "cmp" / "compare.json").exists() and (tmp_path / "cmp" / "before_after.png").exists()
+    # a different "after" model (its UNet's output bias shifted) changes the after side only
+    other = tmp_path / "other"
+    shutil.copytree(micro_model, other)
+    path = other / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(path)
+    weights["conv_out.bias"] = weights["conv_out.bias"] + 0.5
+    save_file(weights, path)
+    moved = compare(str(other), str(micro_model), str(tmp_path / "cmp2"), cfg)
+    for split in ("known", "new"):
+        assert moved["summary"][split]["fid_before"] == pytest.approx(report["summary"][split]["fid_before"])
+        assert moved["summary"][split]["fid_after"] != pytest.approx(report["summary"][split]["fid_after"])
 
 
 @pytest.mark.slow
