@@ -19,6 +19,7 @@ from core.config import dump_config
 from core.errors import UserError
 from core.images import image_grid, to_pil, to_pixels
 from core.io import replace_dir, save_image, write_json
+from core.models import standardize_text_encoder
 from training.checkpoints import ema_weights, find_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.model import unwrap
@@ -159,6 +160,7 @@ def save(run: Run, report: dict) -> Path:
             tmp = run.out / "model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             pipe.save_pretrained(tmp, safe_serialization=True)
+            standardize_text_encoder(tmp / "text_encoder")
             src_tok = Path(run.model.c.source) / "tokenizer"
             for name in ("vocab.json", "merges.txt"):
                 if (src_tok / name).exists() and not (tmp / "tokenizer" / name).exists():
