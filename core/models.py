@@ -36,6 +36,25 @@ def size_factor(vae_config, unet_config) -> int:
     return math.lcm(8, vae_scale(vae_config) * 2 ** (len(unet_config["block_out_channels"]) - 1))
 
 
+MAX_SIDE_MULTIPLE = 2
+"""The largest image side a model is offered at, as a multiple of its native side: the ONNX graphs are
+exported for and checked at it, and serving refuses larger (memory and latency grow with the area)."""
+
+
+def side_range(native_size: int, factor: int) -> tuple[int, int]:
+    """(smallest, largest) image side offered: half to twice the native side, in multiples of ``factor``."""
+    lo = native_size // 2 // factor * factor
+    hi = MAX_SIDE_MULTIPLE * native_size // factor * factor
+    return max(factor, lo), max(factor, hi)
+
+
+def check_size(width: int, height: int, min_size: int, max_size: int, factor: int, label: str = "size") -> None:
+    """A one-line UserError unless both sides are multiples of ``factor`` in [min_size, max_size]."""
+    if any(side % factor or not min_size <= side <= max_size for side in (width, height)):
+        raise UserError(f"{label} {width}x{height} is not supported by this model: width and height must be "
+                        f"multiples of {factor} from {min_size} to {max_size}")
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
@@ -51,10 +70,12 @@ def model_meta(model_dir: Path) -> dict:
     model_dir = Path(model_dir)
     vae = read_json(model_dir / "vae" / "config.json")
     unet = read_json(model_dir / "unet" / "config.json")
-    scale = vae_scale(vae)
+    scale, factor = vae_scale(vae), size_factor(vae, unet)
+    native = unet["sample_size"] * scale
+    lo, hi = side_range(native, factor)
     return {"vae_scale": scale, "latent_channels": vae["latent_channels"],
-            "scaling_factor": vae.get("scaling_factor", 0.18215), "native_size": unet["sample_size"] * scale,
-            "size_factor": size_factor(vae, unet)}
+            "scaling_factor": vae.get("scaling_factor", 0.18215), "native_size": native,
+            "size_factor": factor, "min_size": lo, "max_size": hi}
 
 
 def scheduler_config(model_dir: Path) -> dict:

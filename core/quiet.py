@@ -16,6 +16,7 @@ _KNOWN_NOISE = [
     (r".*Please consider pre-processing before quantization.*", None),
     (r".*torch_dtype.*is deprecated.*", None),
     (r".*upcast_vae.*", None),
+    (r".*The axis name: .* will not be used, since it shares the same shape constraints.*", UserWarning),
     (r".*TypedStorage is deprecated.*", UserWarning),
     (r".*`resume_download` is deprecated.*", FutureWarning),
     (r".*copying from a non-meta parameter in the checkpoint to a meta parameter.*", UserWarning),
