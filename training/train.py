@@ -182,9 +182,11 @@ def _save_lora(run: Run) -> None:
     unet = unwrap(run.model.unet)
     lora_tmp = run.out / "lora.tmp"
     shutil.rmtree(lora_tmp, ignore_errors=True)
+    # The adapter's config (rank, alpha, targets) travels in the file's metadata: without it a reader
+    # assumes alpha = rank and applies the adapter at the wrong scale whenever they differ.
     StableDiffusionPipeline.save_lora_weights(
         lora_tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        safe_serialization=True)
+        safe_serialization=True, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     replace_dir(lora_tmp, run.out / "lora")
     unet.fuse_lora()
     unet.unload_lora()
