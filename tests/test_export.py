@@ -122,6 +122,18 @@ def test_onnx_unet_matches_torch_at_native_and_double_size(micro_model, tmp_path
     assert _check(mod, examples, tmp_path / "unet.onnx", "unet", COMPONENT_ATOL["unet"]) < 1e-4
 
 
+def test_onnx_check_refuses_a_graph_that_does_not_take_every_size(tmp_path):
+    """A graph exported with a fixed size (as an exporter may silently specialize one) is not kept."""
+    from core.errors import UserError
+    from export.variants.onnx import _check, _export
+
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    _export(conv, (torch.randn(2, 4, 8, 8),), ["sample"], ["out"], None, tmp_path / "static.onnx")
+    assert _check(conv, [(torch.randn(2, 4, 8, 8),)], tmp_path / "static.onnx", "conv", 1e-5) < 1e-5
+    with pytest.raises(UserError, match=r"ONNX conv does not run on inputs \{'sample': \[1, 4, 16, 16\]\}"):
+        _check(conv, [(torch.randn(2, 4, 8, 8),), (torch.randn(1, 4, 16, 16),)], tmp_path / "static.onnx", "conv", 1e-5)
+
+
 def test_generator_refuses_sizes_it_does_not_offer(micro_model):
     from core.errors import UserError
     from export.common import load_torch_parts, torch_generator

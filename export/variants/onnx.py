@@ -65,7 +65,7 @@ class _Encoder(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters
 
 
-def _export(module, args: tuple, names: list[str], outputs: list[str], shapes: dict, path: Path) -> None:
+def _export(module, args: tuple, names: list[str], outputs: list[str], shapes: dict | None, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=outputs,
                       dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False)
@@ -89,7 +89,11 @@ def _check(module, examples: list[tuple], path: Path, name: str, atol: float) ->
     err = 0.0
     for args in examples:
         feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
-        got = sess.run(None, feeds)[0]
+        try:
+            got = sess.run(None, feeds)[0]
+        except Exception as e:  # e.g. an axis the exporter had to make static
+            shapes = {k: list(v.shape) for k, v in feeds.items()}
+            raise UserError(f"ONNX {name} does not run on inputs {shapes}: {str(e).splitlines()[0]}") from None
         with torch.no_grad():
             ref = module(*args)
             ref = (ref[0] if isinstance(ref, tuple) else ref).float().numpy()
