@@ -14,8 +14,8 @@ import warnings
 _KNOWN_NOISE = [
     (r".*is an Enum subclass and is now natively supported by torch.compile.*", None),
     (r".*Please consider pre-processing before quantization.*", None),
-    (r".*torch_dtype.*is deprecated.*", None),
     (r".*upcast_vae.*", None),
+    (r".*The axis name: .* will not be used, since it shares the same shape constraints.*", UserWarning),
     (r".*TypedStorage is deprecated.*", UserWarning),
     (r".*`resume_download` is deprecated.*", FutureWarning),
     (r".*copying from a non-meta parameter in the checkpoint to a meta parameter.*", UserWarning),

@@ -15,6 +15,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from core.models import check_size, side_range
+
 
 @dataclass
 class GenerationRequest:
@@ -42,7 +44,8 @@ class Generator:
     """``generate(requests) -> images``: the object export's loader returns for every variant."""
 
     def __init__(self, backend: Backend, tokenizer, scheduler_config: dict, vae_scale: int, latent_channels: int,
-                 scaling_factor: float, native_size: int, info: dict | None = None, size_factor: int | None = None):
+                 scaling_factor: float, native_size: int, info: dict | None = None, size_factor: int | None = None,
+                 min_size: int | None = None, max_size: int | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
@@ -51,6 +54,8 @@ class Generator:
         self.scaling_factor = scaling_factor
         self.native_size = native_size
         self.size_factor = size_factor or native_size  # image sides must be multiples of this
+        lo, hi = side_range(native_size, self.size_factor)
+        self.min_size, self.max_size = min_size or lo, max_size or hi  # the sides this variant is offered at
         self.info = info or {}
         self.unet_time_s = 0.0  # accumulated, for the benchmark's UNet time per step
         self.unet_calls = 0
@@ -60,6 +65,13 @@ class Generator:
 
         cls = getattr(diffusers, self.scheduler_config.get("_class_name", "DPMSolverMultistepScheduler"))
         return cls.from_config(self.scheduler_config)
+
+    def sides(self) -> list[int]:
+        """Every image side offered (width and height independently)."""
+        return list(range(self.min_size, self.max_size + 1, self.size_factor))
+
+    def check_size(self, width: int, height: int, label: str = "size") -> None:
+        check_size(width, height, self.min_size, self.max_size, self.size_factor, label)
 
     def tokens_truncated(self, prompt: str) -> bool:
         return len(self.tokenizer(prompt).input_ids) > self.tokenizer.model_max_length
@@ -76,6 +88,7 @@ class Generator:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             key = (r.num_inference_steps, r.height or self.native_size, r.width or self.native_size)
+            self.check_size(key[2], key[1])
             groups.setdefault(key, []).append(i)
         out: list[list[np.ndarray]] = [[] for _ in requests]
         for (steps, h, w), idx in groups.items():

@@ -29,7 +29,7 @@ def make_generator(var_dir: Path, backend, info: dict | None = None) -> Generato
     meta = json.loads(meta_src.read_text()) if meta_src.exists() else model_meta(var_dir)
     return Generator(backend, load_tokenizer(var_dir), scheduler_config(var_dir), meta["vae_scale"],
                      meta["latent_channels"], meta["scaling_factor"], meta["native_size"], info,
-                     meta.get("size_factor"))
+                     meta.get("size_factor"), meta.get("min_size"), meta.get("max_size"))
 
 
 def torch_generator(var_dir: Path, te, unet, vae, dtype, device, info=None) -> Generator:

@@ -55,9 +55,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = load_generator(cfg.model, cfg.scheduler, device=device)
     size = cfg.size or gen.native_size
-    if size % gen.size_factor:
-        raise UserError(f"--size {size} must be a multiple of {gen.size_factor} for this model "
-                        f"(native {gen.native_size})")
+    gen.check_size(size, size, f"--size {size}:")
     req = GenerationRequest(cfg.prompt, negative_prompt=cfg.negative_prompt or "", num_inference_steps=cfg.steps,
                             guidance_scale=cfg.guidance, seed=cfg.seed, width=size, height=size,
                             num_images=cfg.num_images)

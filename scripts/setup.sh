@@ -3,7 +3,8 @@
 # On a machine without an NVIDIA GPU it pins the CPU build of torch first, because the
 # package's own loose `torch` requirement would otherwise pull a multi-GB CUDA build.
 #   bash scripts/setup.sh        the package (what `t2i` needs)
-#   bash scripts/setup.sh test   also Debian's chromium, which the report test renders pages with
+#   bash scripts/setup.sh test   also Debian's chromium, which the report test renders pages with, and
+#                                .venv-compat (scripts/compat_env.sh), where the compat tests run other tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
@@ -15,6 +16,9 @@ if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
     else
         echo "chromium not found and cannot be installed here; the report rendering test will be skipped" >&2
     fi
+fi
+if [ "${1:-}" = "test" ]; then
+    bash scripts/compat_env.sh || true  # on failure it leaves the reason for the tests (skip or fail)
 fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

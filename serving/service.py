@@ -91,7 +91,8 @@ class ImageModel:
     def info(self) -> dict:
         g = self.gen
         return {"variant": g.info.get("variant"), "export_dir": str(CFG.export_dir),
-                "native_size": g.native_size, "sizes": [f"{g.native_size}x{g.native_size}"],
+                "native_size": g.native_size, "sizes": [f"{side}x{side}" for side in g.sides()],
+                "size_range": {"min": g.min_size, "max": g.max_size, "multiple_of": g.size_factor},
                 "max_prompt_tokens": g.tokenizer.model_max_length,
                 "scheduler": g.scheduler_config.get("_class_name"),
                 "bench": g.info.get("bench", {}), "quality": g.info.get("quality", {}),
@@ -131,13 +132,18 @@ class ImageAPI:
         self._model_info = fresh
         return {**fresh, "limits": limits}
 
-    async def _check_size(self, field: str, width: int, height: int, raw=None) -> JSONResponse | None:
+    async def _check_size(self, field: str | None, width: int, height: int, raw=None) -> JSONResponse | None:
+        """Width and height independently: multiples of ``size_range.multiple_of`` within its bounds."""
         info = await self.model_info()
-        if f"{width}x{height}" not in info["sizes"]:
-            return JSONResponse(field_error(field, f"size {width}x{height} is not supported by variant "
-                                            f"{info['variant']}; supported: {', '.join(info['sizes'])}",
-                                            raw if raw is not None else [width, height]), status_code=400)
-        return None
+        r = info["size_range"]
+        ok = [side % r["multiple_of"] == 0 and r["min"] <= side <= r["max"] for side in (width, height)]
+        if all(ok):
+            return None
+        field = field or ("width" if not ok[0] else "height")
+        return JSONResponse(field_error(field, f"size {width}x{height} is not supported by variant {info['variant']}: "
+                                        f"width and height must be multiples of {r['multiple_of']} from {r['min']} "
+                                        f"to {r['max']} (native {info['native_size']})",
+                                        raw if raw is not None else [width, height]), status_code=400)
 
     async def _run(self, prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int | None,
                    width: int, height: int, n: int) -> dict:
@@ -162,7 +168,7 @@ class ImageAPI:
         Header ``X-Prompt-Truncated: true`` when the prompt was cut to the tokenizer's 77 tokens."""
         native = (await self.model_info())["native_size"]
         w, h = width or native, height or native
-        if (bad := await self._check_size("width" if w != native else "height", w, h)) is not None:
+        if (bad := await self._check_size(None, w, h)) is not None:
             return bad
         out = await self._run(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, w, h, num_images)
         pngs = [base64.b64decode(s) for s in out["images"]]

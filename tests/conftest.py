@@ -57,3 +57,17 @@ def micro_overrides(model: Path, data: Path, out: Path, steps: int = 4) -> list[
     return [f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", f"train.max_steps={steps}",
             "train.batch_size=8", "train.warmup_steps=0", "logging.sample_every=0", "logging.sample_steps=2",
             "logging.validation_prompts=[a red circle]", "logging.log_every=1", "checkpoint.every=2", "train.learning_rate=1e-3"]
+
+
+@pytest.fixture(scope="session")
+def micro_finetune(micro_model, micro_data, tmp_path_factory) -> Path:
+    """A two-step fine-tune that also trains the text encoder and saves fp16 weights: the model dir that
+    other tools must load with default arguments (it used to load in mixed dtypes, with renamed keys)."""
+    from core.config import load_config
+    from training.config import TrainConfig
+    from training.train import main
+
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    main(load_config(TrainConfig, None, micro_overrides(micro_model, micro_data, out, steps=2) + [
+        "train.train_text_encoder=true", "train.save_dtype=fp16", "logging.final_samples=false"]))
+    return out / "model"

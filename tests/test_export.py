@@ -96,12 +96,55 @@ def test_manifest_selection_and_reports(exported):
 
 @pytest.mark.slow
 def test_onnx_folders_have_optimum_layout(exported):
-    out, _ = exported
+    import onnxruntime as ort
+
+    out, manifest = exported
     for name in ("onnx-fp32", "onnx-int8"):
         d = out / name
         for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
             assert (d / part / "model.onnx").is_file() and (d / part / "config.json").is_file()
         assert (d / "tokenizer").is_dir() and (d / "scheduler").is_dir() and (d / "model_index.json").is_file()
+        # batch, height and width are dynamic; the timestep is one per sample; checked at 32 and 64 pixels
+        inputs = {i.name: i.shape for i in ort.InferenceSession(str(d / "unet" / "model.onnx")).get_inputs()}
+        assert all(isinstance(dim, str) for dim in (*inputs["sample"][:1], *inputs["sample"][2:]))
+        assert len(inputs["timestep"]) == 1 and inputs["timestep"][0] == inputs["sample"][0]
+        assert manifest.variants[name].notes["checked_sizes"] == [32, 64]
+
+
+def test_onnx_unet_matches_torch_at_native_and_double_size(micro_model, tmp_path):
+    from export.variants.onnx import COMPONENT_ATOL, _check, _export, _parts
+    from export.common import load_torch_parts, model_meta
+
+    te, unet, vae = load_torch_parts(micro_model)
+    mod, examples, ins, outs, shapes = _parts(te, unet, vae, model_meta(micro_model)["max_size"])["unet"]
+    assert [e[0].shape[-1] for e in examples] == [16, 32] and [e[0].shape[0] for e in examples] == [2, 1]
+    _export(mod, examples[0], ins, outs, shapes, tmp_path / "unet.onnx")
+    assert _check(mod, examples, tmp_path / "unet.onnx", "unet", COMPONENT_ATOL["unet"]) < 1e-4
+
+
+def test_onnx_check_refuses_a_graph_that_does_not_take_every_size(tmp_path):
+    """A graph exported with a fixed size (as an exporter may silently specialize one) is not kept."""
+    from core.errors import UserError
+    from export.variants.onnx import _check, _export
+
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    _export(conv, (torch.randn(2, 4, 8, 8),), ["sample"], ["out"], None, tmp_path / "static.onnx")
+    assert _check(conv, [(torch.randn(2, 4, 8, 8),)], tmp_path / "static.onnx", "conv", 1e-5) < 1e-5
+    with pytest.raises(UserError, match=r"ONNX conv does not run on inputs \{'sample': \[1, 4, 16, 16\]\}"):
+        _check(conv, [(torch.randn(2, 4, 8, 8),), (torch.randn(1, 4, 16, 16),)], tmp_path / "static.onnx", "conv", 1e-5)
+
+
+def test_generator_refuses_sizes_it_does_not_offer(micro_model):
+    from core.errors import UserError
+    from export.common import load_torch_parts, torch_generator
+
+    gen = torch_generator(micro_model, *load_torch_parts(micro_model), torch.float32, "cpu")
+    assert (gen.native_size, gen.min_size, gen.max_size, gen.size_factor) == (32, 16, 64, 8)
+    for w, h in ((36, 32), (32, 72), (8, 8)):
+        with pytest.raises(UserError, match="multiples of 8 from 16 to 64"):
+            gen.generate([GenerationRequest("a red circle", num_inference_steps=1, width=w, height=h)])
+    [[im]] = gen.generate([GenerationRequest("a red circle", num_inference_steps=1, width=64, height=48)])
+    assert im.shape == (48, 64, 3)
 
 
 @pytest.mark.slow

@@ -40,8 +40,8 @@ def _png(data: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def export_dir(micro_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serve") / "exp"
-    res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32", "--num-images", "4",
-                  "--repeats", "1", "--batch-sizes", "1", "--steps", "2")
+    res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32,onnx-fp32",
+                  "--num-images", "4", "--repeats", "1", "--batch-sizes", "1", "--steps", "2", "--select", "eager-fp32")
     assert res.returncode == 0, res.stderr[-2000:]
     return out
 
@@ -53,7 +53,8 @@ def server(export_dir, tmp_path_factory):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml"))}
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(export_dir), "--host", "127.0.0.1",
-                                 "--port", str(port), "--max-batch-size", "8", "--max-latency-ms", "60000",
+                                 "--port", str(port), "--variant", "onnx-fp32",  # dynamic sizes: the harder case
+                                 "--max-batch-size", "8", "--max-latency-ms", "60000",
                                  "--max-concurrency", str(MAX_CONCURRENCY)], cwd=ROOT, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -83,7 +84,9 @@ def test_ready_health_and_info(server):
     for path in ("/healthz", "/livez", "/readyz"):
         assert httpx.get(server + path).status_code == 200, path
     info = httpx.get(server + "/info").json()
-    assert info["variant"] == "eager-fp32" and info["sizes"] == ["32x32"]
+    assert info["variant"] == "onnx-fp32" and info["native_size"] == 32
+    assert info["sizes"] == ["16x16", "24x24", "32x32", "40x40", "48x48", "56x56", "64x64"]
+    assert info["size_range"] == {"min": 16, "max": 64, "multiple_of": 8}
     assert info["limits"]["max_batch_size"] == 8 and "latency" in info["bench"]
     assert httpx.get(server + "/metrics").status_code == 200
 
@@ -110,6 +113,16 @@ def test_openai_sdk_and_bentoml_client(server):
     assert np.abs(_png(pngs[0]) - _png(pngs[1])).mean() > 1  # n images get seeds seed, seed+1
     same = generate_bentoml(server, "a blue square at the top", seed=3, num_inference_steps=3)
     assert np.abs(_png(same) - _png(pngs[0])).max() <= 1
+
+
+def test_onnx_variant_serves_native_double_and_non_square_sizes(server):
+    from serving.client import generate_openai
+
+    for size, shape in (("32x32", (32, 32, 3)), ("64x64", (64, 64, 3)), ("64x32", (32, 64, 3))):
+        [png] = generate_openai(server, "a red circle on the left", n=1, size=size, seed=2, num_inference_steps=2)
+        assert _png(png).shape == shape, size
+    r = post(server, "/generate", {"prompt": "a red circle", "width": 64, "height": 48, "num_inference_steps": 2})
+    assert r.status_code == 200 and _png(r.content).shape == (48, 64, 3)
 
 
 def test_long_prompt_is_truncated_and_says_so(server):
@@ -145,13 +158,14 @@ def test_burst_is_batched_and_mixed_steps_come_back_right(server):
     ("/generate", {"prompt": "a red circle", "num_inference_steps": "many"}, "num_inference_steps"),
     ("/generate", {"prompt": "a red circle", "guidance_scale": 31}, "guidance_scale"),
     ("/generate", {"prompt": "a red circle", "guidance_scale": -1}, "guidance_scale"),
-    ("/generate", {"prompt": "a red circle", "width": 48}, "width"),
+    ("/generate", {"prompt": "a red circle", "width": 36}, "width"),
+    ("/generate", {"prompt": "a red circle", "height": 72}, "height"),
     ("/generate", {"prompt": "a red circle", "num_images": 5}, "num_images"),
     ("/generate", {"prompt": "a red circle", "seed": -1}, "seed"),
     ("/generate", {"num_inference_steps": 4}, "prompt"),
     ("/v1/images/generations", {"prompt": "a red circle", "n": 0}, "n"),
     ("/v1/images/generations", {"prompt": "a red circle", "n": 5}, "n"),
-    ("/v1/images/generations", {"prompt": "a red circle", "size": "64x64"}, "size"),
+    ("/v1/images/generations", {"prompt": "a red circle", "size": "72x72"}, "size"),
     ("/v1/images/generations", {"prompt": "a red circle", "size": "big"}, "size"),
     ("/v1/images/generations", {"prompt": "a red circle", "response_format": "url"}, "response_format"),
 ])

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler,
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from core.errors import UserError
-from core.models import resolve_model, vae_scale
+from core.models import resolve_model, standardize_text_encoder, vae_scale
 
 
 @dataclass
@@ -150,6 +150,7 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
                                        requires_safety_checker=False)
         out_dir = Path(out_dir)
         pipe.save_pretrained(out_dir, safe_serialization=True)
+        standardize_text_encoder(out_dir / "text_encoder")
         for name in ("vocab.json", "merges.txt"):  # for transformers 4.x's slow CLIPTokenizer
             shutil.copy(Path(tmp) / "tokenizer" / name, out_dir / "tokenizer" / name)
     return out_dir

@@ -19,6 +19,7 @@ from core.config import dump_config
 from core.errors import UserError
 from core.images import image_grid, to_pil, to_pixels
 from core.io import replace_dir, save_image, write_json
+from core.models import standardize_text_encoder
 from training.checkpoints import ema_weights, find_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.model import unwrap
@@ -159,6 +160,7 @@ def save(run: Run, report: dict) -> Path:
             tmp = run.out / "model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             pipe.save_pretrained(tmp, safe_serialization=True)
+            standardize_text_encoder(tmp / "text_encoder")
             src_tok = Path(run.model.c.source) / "tokenizer"
             for name in ("vocab.json", "merges.txt"):
                 if (src_tok / name).exists() and not (tmp / "tokenizer" / name).exists():
@@ -180,9 +182,11 @@ def _save_lora(run: Run) -> None:
     unet = unwrap(run.model.unet)
     lora_tmp = run.out / "lora.tmp"
     shutil.rmtree(lora_tmp, ignore_errors=True)
+    # The adapter's config (rank, alpha, targets) travels in the file's metadata: without it a reader
+    # assumes alpha = rank and applies the adapter at the wrong scale whenever they differ.
     StableDiffusionPipeline.save_lora_weights(
         lora_tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        safe_serialization=True)
+        safe_serialization=True, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     replace_dir(lora_tmp, run.out / "lora")
     unet.fuse_lora()
     unet.unload_lora()

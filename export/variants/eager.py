@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from core.models import standardize_text_encoder
 from export.common import copy_shared, load_torch_parts, torch_generator, write_meta
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,6 +27,7 @@ class Eager:
         te, unet, vae = load_torch_parts(model_dir, self.dtype)
         copy_shared(model_dir, out_dir)
         te.save_pretrained(out_dir / "text_encoder", safe_serialization=True)
+        standardize_text_encoder(out_dir / "text_encoder")
         unet.save_pretrained(out_dir / "unet", safe_serialization=True)
         vae.save_pretrained(out_dir / "vae", safe_serialization=True)
         write_meta(model_dir, out_dir)

@@ -1,8 +1,13 @@
 """ONNX Runtime variants, in Optimum's folder layout (text_encoder/, unet/, vae_decoder/,
 vae_encoder/ each with model.onnx + config.json; tokenizer/, scheduler/, model_index.json).
 
-Each network is exported with ``torch.onnx.export`` (dynamo) with a dynamic batch axis and checked
-against torch on random inputs within ``COMPONENT_ATOL`` before the folder is kept.
+Each network is exported with ``torch.onnx.export`` (dynamo) with dynamic batch, height and width
+(``torch.export.Dim``; sides up to ``core.models.MAX_SIDE_MULTIPLE`` times the native one) and
+checked against torch on random inputs at the native size and at the largest within
+``COMPONENT_ATOL`` before the folder is kept. The UNet takes one timestep per sample (``[batch]``),
+which Optimum's ``ORTStableDiffusionPipeline`` accepts: it logs once at load that it will unsqueeze
+its scalar timestep each step (harmless; silence the ``optimum.onnxruntime.modeling_diffusion``
+logger to hide it).
 - fp32: as exported.
 - fp16: weights and activations in fp16 (GPU only).
 - int8: dynamic int8 of the MatMul/Gemm (attention and linear) nodes only: on this CPU, int8
@@ -17,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.common import copy_shared, load_torch_parts, make_generator, write_meta
+from export.common import copy_shared, load_torch_parts, make_generator, model_meta, write_meta
 from core.errors import UserError
 
 COMPONENT_ATOL = {"text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 2e-3, "vae_encoder": 2e-3}
@@ -60,9 +65,7 @@ class _Encoder(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters
 
 
-def _export(module, args: tuple, names: list[str], outputs: list[str], path: Path) -> None:
-    batch = torch.export.Dim("batch", min=1, max=256)
-    shapes = {n: {0: batch} for n in names}
+def _export(module, args: tuple, names: list[str], outputs: list[str], shapes: dict | None, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=outputs,
                       dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False)
@@ -80,17 +83,72 @@ def _session(path: Path, device: str):
     return ort.InferenceSession(str(path), so, providers=providers)
 
 
-def _check(module, args: tuple, path: Path, name: str, atol: float) -> float:
+def _check(module, examples: list[tuple], path: Path, name: str, atol: float) -> float:
+    """Largest difference from torch over ``examples`` (inputs of different batch sizes and image sizes)."""
     sess = _session(path, "cpu")
-    feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
-    got = sess.run(None, feeds)[0]
-    with torch.no_grad():
-        ref = module(*args)
-        ref = (ref[0] if isinstance(ref, tuple) else ref).float().numpy()
-    err = float(np.abs(got.astype(np.float32) - ref).max())
+    err = 0.0
+    for args in examples:
+        feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
+        try:
+            got = sess.run(None, feeds)[0]
+        except Exception as e:  # e.g. an axis the exporter had to make static
+            shapes = {k: list(v.shape) for k, v in feeds.items()}
+            raise UserError(f"ONNX {name} does not run on inputs {shapes}: {str(e).splitlines()[0]}") from None
+        with torch.no_grad():
+            ref = module(*args)
+            ref = (ref[0] if isinstance(ref, tuple) else ref).float().numpy()
+        if got.shape != ref.shape:
+            raise UserError(f"ONNX {name} gives shape {got.shape} where torch gives {ref.shape}; not kept")
+        err = max(err, float(np.abs(got.astype(np.float32) - ref).max()))
     if err > atol:
         raise UserError(f"ONNX {name} differs from torch by {err:.2e} (> {atol:.0e}); not kept")
     return err
+
+
+def _parts(te, unet, vae, max_size: int, dynamic_size: bool = True) -> dict:
+    """Per network: module, example inputs at the native size (batch 2) and at ``max_size`` (batch 1),
+    input and output names, and the dynamic axes: batch, and height and width in the multiples the
+    network needs (the UNet's latents: its downsampling factor; the VAE encoder's images: the VAE's;
+    the VAE decoder takes any latent size), up to ``max_size``. ``dynamic_size=False``: only the batch
+    is dynamic, at the native size (what benchmarks/onnx_shapes.py compares with)."""
+    Dim = torch.export.Dim
+    s, ch = unet.config.sample_size, unet.config.in_channels
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    down = 2 ** (len(unet.config.block_out_channels) - 1)
+    big = max_size // scale  # latent side at max_size
+    batch = Dim("batch", min=1, max=256)
+    lat_h = down * Dim("latent_height", min=1, max=big // down)
+    lat_w = down * Dim("latent_width", min=1, max=big // down)
+    img_h, img_w = scale * Dim("height", min=1, max=big), scale * Dim("width", min=1, max=big)
+    seq, width = te.config.max_position_embeddings, te.config.hidden_size
+
+    def lat(b, side):
+        return torch.randn(b, ch, side, side)
+
+    def emb(b):
+        return torch.randn(b, seq, width)
+
+    ids = [torch.randint(0, te.config.vocab_size, (b, seq)) for b in (2, 1)]
+    unet_in = [(lat(2, s), torch.tensor([500, 500]), emb(2)), (lat(1, big), torch.tensor([250]), emb(1))]
+    parts = {
+        "text_encoder": (_TextEncoder(te), [(ids[0],), (ids[1],)], ["input_ids"],
+                         ["last_hidden_state", "pooler_output"], {"input_ids": {0: batch}}),
+        # One timestep per sample ([batch]): the engine batches requests at different steps. Optimum's
+        # ORTUnet takes it too (it unsqueezes its scalar timestep and logs a warning at load).
+        "unet": (_Unet(unet), unet_in, ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
+                 {"sample": {0: batch, 2: lat_h, 3: lat_w}, "timestep": {0: batch},
+                  "encoder_hidden_states": {0: batch}}),
+        "vae_decoder": (_Decoder(vae), [(lat(2, s),), (lat(1, big),)], ["latent_sample"], ["sample"],
+                        {"latent_sample": {0: batch, 2: Dim("latent_height", min=1, max=big),
+                                           3: Dim("latent_width", min=1, max=big)}}),
+        "vae_encoder": (_Encoder(vae), [(torch.randn(2, 3, s * scale, s * scale),),
+                                        (torch.randn(1, 3, big * scale, big * scale),)],
+                        ["sample"], ["latent_parameters"], {"sample": {0: batch, 2: img_h, 3: img_w}}),
+    }
+    if not dynamic_size:
+        parts = {name: (mod, examples[:1], ins, outs, {k: {0: axes[0]} for k, axes in shapes.items()})
+                 for name, (mod, examples, ins, outs, shapes) in parts.items()}
+    return parts
 
 
 class OnnxBackend:
@@ -133,26 +191,14 @@ class Onnx:
 
     def build(self, model_dir: Path, out_dir: Path, device: str, ctx: dict) -> dict:
         te, unet, vae = load_torch_parts(model_dir)
-        size = unet.config.sample_size
-        ch = unet.config.in_channels
-        lat = torch.randn(2, ch, size, size)
-        emb = torch.randn(2, te.config.max_position_embeddings, te.config.hidden_size)
-        ids = torch.randint(0, te.config.vocab_size, (2, te.config.max_position_embeddings))
-        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        img = torch.randn(2, 3, size * vae_scale, size * vae_scale)
-        parts = {
-            "text_encoder": (_TextEncoder(te), (ids,), ["input_ids"], ["last_hidden_state", "pooler_output"]),
-            "unet": (_Unet(unet), (lat, torch.tensor([500, 500]), emb), ["sample", "timestep",
-                                                                      "encoder_hidden_states"], ["out_sample"]),
-            "vae_decoder": (_Decoder(vae), (lat,), ["latent_sample"], ["sample"]),
-            "vae_encoder": (_Encoder(vae), (img,), ["sample"], ["latent_parameters"]),
-        }
+        meta = model_meta(model_dir)
+        parts = _parts(te, unet, vae, meta["max_size"])
         copy_shared(model_dir, out_dir)
         errors = {}
-        for name, (mod, args, ins, outs) in parts.items():
+        for name, (mod, examples, ins, outs, shapes) in parts.items():
             path = out_dir / name / "model.onnx"
-            _export(mod, args, ins, outs, path)
-            errors[name] = _check(mod, args, path, name, COMPONENT_ATOL[name])
+            _export(mod, examples[0], ins, outs, shapes, path)
+            errors[name] = _check(mod, examples, path, name, COMPONENT_ATOL[name])
             src = {"text_encoder": "text_encoder", "unet": "unet"}.get(name, "vae")
             shutil.copy(model_dir / src / "config.json", out_dir / name / "config.json")
         if self.precision == "int8":
@@ -183,6 +229,7 @@ class Onnx:
         (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
         write_meta(model_dir, out_dir, onnx_precision=self.precision)
         return {"format": "onnx (Optimum layout)", "precision": self.precision,
+                "dynamic_axes": "batch, height, width", "checked_sizes": [meta["native_size"], meta["max_size"]],
                 "max_abs_error_vs_torch": errors, "component_atol": COMPONENT_ATOL}
 
     def load(self, var_dir: Path, device: str):
