@@ -46,6 +46,35 @@ def micro_data(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("data") / "shapes", n=48, seed=3, size=32)
 
 
+def forbid_unpickling(monkeypatch) -> None:
+    """Makes every way of unpickling fail loudly (torch.load, pickle.load/loads, pickle.Unpickler), so a
+    code path that passes under it reads no pickle."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    class Refuse:
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Refuse)
+
+
+def evil_pickle(marker: Path) -> bytes:
+    """A pickle that, when loaded, creates ``marker`` (what a hostile artifact would do, harmlessly)."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    return pickle.dumps(Evil())
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Runs ``t2i`` in a fresh process, as a user would."""
     full_env = {**os.environ, **(env or {})}
