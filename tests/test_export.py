@@ -177,3 +177,10 @@ def test_planted_pickle_is_never_loaded(exported, tmp_path):
     assert res.returncode == 2 and "does not match the hash" in res.stderr and "Traceback" not in res.stderr
     assert not marker.exists()
 
+
+@pytest.mark.slow
+def test_a_hung_benchmark_is_stopped_at_its_timeout(micro_model, tmp_path):
+    res = run_cli("export", str(micro_model), "--out", str(tmp_path / "e"), "--variants", "eager-fp32",
+                  "--num-images", "4", "--repeats", "1", "--batch-sizes", "1", "--steps", "2", "--bench-timeout-s", "0.5")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "benchmark did not finish within bench_timeout_s=0.5 s" in res.stderr
