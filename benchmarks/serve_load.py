@@ -146,7 +146,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,16,32")
     p.add_argument("--requests-per-client", type=int, default=4, help="requests per concurrent client (min 16)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=16, help="UNet rows per batch: 8 guided images")
     a = p.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
     result = {"export_dir": a.export_dir, "steps": a.steps, "machine": platform.processor() or platform.machine(),

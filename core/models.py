@@ -97,11 +97,14 @@ def load_torch_parts(model_dir: Path, dtype=None, device="cpu"):
     dtype = dtype or torch.float32
     model_dir = Path(model_dir)
     try:
-        te = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype).to(device).eval()
-        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtype).to(device).eval()
-        vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=dtype).to(device).eval()
+        # safetensors only: a .bin weight file is a pickle, and unpickling can run code
+        te = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=dtype, use_safetensors=True)
+        te, unet, vae = (m.to(device).eval() for m in (te, unet, vae))
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load model {model_dir}: {e}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load model {model_dir}: {first}") from None
     return te, unet, vae
 
 

@@ -10,7 +10,7 @@ reproduces diffusers' ``StableDiffusionPipeline`` (a test pins it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +28,12 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    request_id: str | None = None  # lets a caller cancel it (``Generator.generate(..., cancelled=)``)
+
+    @property
+    def unet_rows(self) -> int:
+        """UNet batch rows it takes: one per image, two with classifier-free guidance (scale > 1)."""
+        return self.num_images * (2 if self.guidance_scale > 1.0 else 1)
 
 
 class Backend(Protocol):
@@ -82,9 +88,11 @@ class Generator:
                              truncation=True, return_tensors="pt").input_ids
         return self.backend.encode_text(ids)
 
-    def generate(self, requests: list[GenerationRequest]) -> list[list[np.ndarray]]:
+    def generate(self, requests: list[GenerationRequest],
+                 cancelled: Callable[[GenerationRequest], bool] | None = None) -> list[list[np.ndarray]]:
         """Images (uint8 HWC arrays) for each request, in order. Requests with the same step count
-        and size run together as one batch."""
+        and size run together as one batch. ``cancelled(request)`` is asked before a batch starts and
+        at every step: a batch whose requests are all cancelled stops there, and they get no images."""
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             key = (r.num_inference_steps, r.height or self.native_size, r.width or self.native_size)
@@ -92,7 +100,11 @@ class Generator:
             groups.setdefault(key, []).append(i)
         out: list[list[np.ndarray]] = [[] for _ in requests]
         for (steps, h, w), idx in groups.items():
-            images = self._run([requests[i] for i in idx], steps, h, w)
+            group = [requests[i] for i in idx]
+            stop = (lambda: all(cancelled(r) for r in group)) if cancelled else (lambda: False)
+            images = self._run(group, steps, h, w, stop)
+            if images is None:
+                continue
             k = 0
             for i in idx:
                 out[i] = images[k:k + requests[i].num_images]
@@ -100,7 +112,10 @@ class Generator:
         return out
 
     @torch.no_grad()
-    def _run(self, reqs: list[GenerationRequest], steps: int, height: int, width: int) -> list[np.ndarray]:
+    def _run(self, reqs: list[GenerationRequest], steps: int, height: int, width: int,
+             stop: Callable[[], bool] = lambda: False) -> list[np.ndarray] | None:
+        """One batch; None when ``stop()`` says so before a step. Only the guided images (scale > 1)
+        get an unconditional row, so an unguided image costs one UNet row instead of two."""
         import time
 
         prompts, negatives, seeds, scales = [], [], [], []
@@ -110,23 +125,31 @@ class Generator:
                 negatives.append(r.negative_prompt or "")
                 seeds.append(r.seed + j)
                 scales.append(r.guidance_scale)
-        n = len(prompts)
-        emb = self.encode(negatives + prompts)  # [uncond..., cond...] as diffusers orders them
+        guided = [i for i, s in enumerate(scales) if s > 1.0]
+        k = len(guided)
+        if stop():
+            return None
+        # [uncond..., cond...] as diffusers orders them; unguided images have no uncond row
+        emb = self.encode([negatives[i] for i in guided] + prompts)
         shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         sched = self.new_scheduler()
         sched.set_timesteps(steps)
         latents = latents * sched.init_noise_sigma
-        g = torch.tensor(scales, dtype=torch.float32).view(n, 1, 1, 1)
+        g = torch.tensor([scales[i] for i in guided], dtype=torch.float32).view(k, 1, 1, 1)
         for t in sched.timesteps:
-            model_in = sched.scale_model_input(torch.cat([latents, latents]), t)
+            if stop():
+                return None
+            model_in = sched.scale_model_input(torch.cat([latents[guided], latents]), t)
             t0 = time.perf_counter()
             noise = self.backend.unet(model_in, t, emb).float()
             self.unet_time_s += time.perf_counter() - t0
             self.unet_calls += 1
-            uncond, cond = noise.chunk(2)
-            guided = torch.where(g > 1.0, uncond + g * (cond - uncond), cond)
-            latents = sched.step(guided, t, latents, return_dict=False)[0]
+            uncond, cond = noise[:k], noise[k:]
+            if k:
+                cond = cond.clone()
+                cond[guided] = uncond + g * (cond[guided] - uncond)
+            latents = sched.step(cond, t, latents, return_dict=False)[0]
         images = self.backend.decode(latents / self.scaling_factor).float()
         images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return list(images.permute(0, 2, 3, 1).numpy())

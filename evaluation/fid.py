@@ -29,9 +29,9 @@ _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("T2I_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                        "t2i-sprint")
-    return Path(base) / "fid-stats"
+    from core.io import cache_home
+
+    return cache_home() / "fid-stats"
 
 
 def inception_weights() -> Path | None:

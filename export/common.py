@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
+from core.errors import UserError
+from core.io import read_json_file, read_safetensors, write_safetensors
 from core.models import load_tokenizer, load_torch_parts, model_meta, scheduler_config  # noqa: F401
 from core.sampling import Generator, TorchBackend
 
@@ -26,7 +26,8 @@ def copy_shared(model_dir: Path, out_dir: Path) -> None:
 
 def make_generator(var_dir: Path, backend, info: dict | None = None) -> Generator:
     meta_src = var_dir / "meta.json"
-    meta = json.loads(meta_src.read_text()) if meta_src.exists() else model_meta(var_dir)
+    meta = (read_json_file(meta_src, "variant metadata", "re-run `t2i export`") if meta_src.exists()
+            else model_meta(var_dir))
     return Generator(backend, load_tokenizer(var_dir), scheduler_config(var_dir), meta["vae_scale"],
                      meta["latent_channels"], meta["scaling_factor"], meta["native_size"], info,
                      meta.get("size_factor"), meta.get("min_size"), meta.get("max_size"))
@@ -44,15 +45,24 @@ def dir_size_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20, 2)
 
 
-def save_quantized(out_dir: Path, modules: dict, filename: str) -> None:
-    """Config + a torch.save'd state dict per module (quantized tensors are not safetensors-able)."""
-    for name, module in modules.items():
-        (out_dir / name).mkdir()
-        if name == "text_encoder":
-            module.config.to_json_file(out_dir / name / "config.json")
-        else:
-            module.save_config(out_dir / name)
-        torch.save({k: v.cpu() for k, v in module.state_dict().items()}, out_dir / name / filename)
+def save_part(out_dir: Path, name: str, module, tensors: dict, filename: str, metadata: dict | None = None) -> None:
+    """A part's config plus its (quantized) weights as safetensors: ``tensors`` and ``metadata`` are
+    the state dict flattened to plain tensors and JSON (see the int8 variants)."""
+    (out_dir / name).mkdir()
+    if name == "text_encoder":
+        module.config.to_json_file(out_dir / name / "config.json")
+    else:
+        module.save_config(out_dir / name)
+    write_safetensors(out_dir / name / filename, tensors, metadata)
+
+
+def read_part(var_dir: Path, name: str, filename: str, device: str = "cpu") -> tuple[dict, dict]:
+    """(tensors, metadata) that ``save_part`` wrote; a pickled file of an older export is refused."""
+    path = var_dir / name / filename
+    if not path.exists() and path.with_suffix(".pt").exists():
+        raise UserError(f"{path.with_suffix('.pt')} is a pickle (written by an older t2i export), which is never "
+                        "loaded because unpickling can run code; re-run `t2i export`")
+    return read_safetensors(path, device, remedy="re-run `t2i export`")
 
 
 def empty_parts(var_dir: Path) -> dict:
@@ -60,5 +70,9 @@ def empty_parts(var_dir: Path) -> dict:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(var_dir / "text_encoder")),
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(var_dir / "unet"))}
+    try:
+        return {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(var_dir / "text_encoder")),
+                "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(var_dir / "unet"))}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{var_dir} is not a complete variant folder ({str(e).splitlines()[0][:160]}); "
+                        "re-run `t2i export`") from None

@@ -27,6 +27,8 @@ class ExportConfig(Strict):
     """Quality prompts (images per variant)."""
     batch_sizes: list[int] = [1, 4]
     """Batch sizes timed (and warmed up for compile)."""
+    bench_timeout_s: float = Field(3600, gt=0)
+    """Longest a variant's benchmark process may run; one that runs longer is stopped and marked failed."""
     repeats: int = Field(5, ge=1)
     """Timed runs per batch size, after warm-up."""
     steps: int = Field(20, ge=1, le=200)

@@ -8,8 +8,10 @@ bench.md (the table) and bench.png (latency vs FID drift, Pareto front marked).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -108,14 +110,35 @@ def bench_variants(state: dict, cfg: ExportConfig, entries: dict[str, VariantEnt
         res, npy = work / f"{name}.json", work / f"{name}.npy"
         cmd = [sys.executable, "-m", "export.bench_worker", str(state["out"] / e.dir), name,
                str(work / "plan.json"), str(res), str(npy), "--device", state["device"]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-        if proc.returncode != 0:
-            e.reason = "benchmark failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
+        returncode, stderr = _run_bounded(cmd, cfg.bench_timeout_s)
+        if returncode is None:  # a hung backend must not hang the export
+            e.reason = f"benchmark did not finish within bench_timeout_s={cfg.bench_timeout_s:g} s; stopped"
+            e.status = "failed"
+            continue
+        if returncode != 0:
+            e.reason = "benchmark failed: " + (stderr.strip().splitlines() or ["?"])[-1]
             e.status = "failed"  # after the reason: a failed entry must carry one
             continue
         e.bench = Bench.model_validate_json(res.read_text())
         images[name] = np.load(npy)
     return images
+
+
+def _run_bounded(cmd: list[str], timeout_s: float) -> tuple[int | None, str]:
+    """(exit code, stderr) of ``cmd``; (None, stderr) when it ran past ``timeout_s`` and was killed with
+    every process it started (its own process group: compile workers included)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+        return proc.returncode, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, proc.communicate()[1]
+    except BaseException:  # Ctrl-C: the worker is in its own session, so stop it here
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
 
 
 def quality(entries: dict[str, VariantEntry], images: dict[str, np.ndarray], items: list[dict],

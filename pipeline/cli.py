@@ -132,10 +132,9 @@ def run_command(name: str, cfg, ns: argparse.Namespace) -> None:
               + (f", grayscale chroma error {fit['gray_chroma_error']}/255" if fit["gray_chroma_error"] is not None else ""))
         print(f"warning: {res['poor_fit']}" if res["poor_fit"] else f"fits: above {cfg.min_vae_psnr:g} dB")
     elif name == "train":
-        import json
         from pathlib import Path
 
-        from core.io import write_json
+        from core.io import read_json_file, write_json
         from pipeline.run import evaluate_trained
         from training.train import main
 
@@ -147,7 +146,7 @@ def run_command(name: str, cfg, ns: argparse.Namespace) -> None:
             print(f"model dir: {cfg.output_dir}/model")
             if cfg.eval is not None:
                 out = Path(cfg.output_dir)
-                saved = json.loads((out / "train_report.json").read_text())
+                saved = read_json_file(out / "train_report.json", "train report")
                 write_json(out / "train_report.json", saved | {"eval": evaluate_trained(tcfg, cfg.eval, out / "eval")})
     elif name == "generate":
         from pipeline.generate import generate

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import shutil
 from pathlib import Path
+
+from core.io import read_json_file
 
 
 def loss_curve(train_dir: Path, path: Path) -> bool:
@@ -86,7 +87,7 @@ def write_report(out: Path, cfg, state: dict) -> None:
         images.append(("Training", "train_samples.png", f"Validation prompts at the last sample step ({samples[-1].stem}): "
                        + "; ".join(cfg.training.logging.validation_prompts)))
     cmp_path = out / "eval" / "compare.json"
-    cmp = json.loads(cmp_path.read_text()) if cmp_path.exists() else None
+    cmp = read_json_file(cmp_path, "eval result", "re-run with --force eval") if cmp_path.exists() else None
     if (out / "eval" / "before_after.png").exists():
         shutil.copy(out / "eval" / "before_after.png", assets / "before_after.png")
         images.append(("Evaluation", "before_after.png", "Top row: the starting model; bottom row: the fine-tuned "
@@ -95,7 +96,8 @@ def write_report(out: Path, cfg, state: dict) -> None:
     if manifest and (out / "export" / "bench.png").exists():
         shutil.copy(out / "export" / "bench.png", assets / "bench.png")
         images.append(("Export", "bench.png", "Latency per image against FID drift; star = selected, dashed = Pareto front"))
-    bento = json.loads((out / "bento.json").read_text()) if (out / "bento.json").exists() else {}
+    bento = read_json_file(out / "bento.json", "bento record", "re-run with --force bento") \
+        if (out / "bento.json").exists() else {}
     config_yaml = (out / "config.yaml").read_text() if (out / "config.yaml").exists() else ""
     serve = [f"t2i serve {out / 'export'} --port 3000"]
     if bento.get("tag"):

@@ -8,23 +8,29 @@ Each stage reads the previous stage's artifact from disk and writes its own unde
     RUN_DIR/bento.json  the Bento's tag                                             (t2i bento)
     RUN_DIR/report.html, report.md, report/  (always rewritten)
 
-A stage whose artifact is complete is skipped, so a re-run after a crash or Ctrl-C goes on where it
-stopped (training resumes from its last checkpoint); ``--force STAGE`` redoes that stage and the
-stages after it, whose inputs it changes.
+A stage whose artifact is complete and was made by the same config is skipped, so a re-run after a
+crash or Ctrl-C goes on where it stopped (training resumes from its last checkpoint). Each stage
+records in pipeline.json the hash of its own config section and of the outputs it read; a re-run
+whose config differs for that stage, or for a stage it reads from, redoes it and says why.
+``--force STAGE`` redoes that stage and the stages after it, whose inputs it changes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 from core.errors import UserError
-from core.io import write_json
+from core.io import read_json_file, write_json
 from pipeline.config import PipelineConfig
 from training.config import TrainConfig
 
 STAGES = ("train", "eval", "export", "bento", "report")
+READS = {"train": (), "eval": ("train",), "export": ("train",), "bento": ("export",), "report": ()}  # inputs
+STATE_REMEDY = "delete it to redo every stage"
 
 
 def stage_paths(out: Path) -> dict[str, Path]:
@@ -53,7 +59,7 @@ class Pipeline:
         self.forced = set(STAGES[first_forced:])
         self.paths = stage_paths(self.out)
         self.state_path = self.out / "pipeline.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
+        self.state = read_state(self.state_path)
         # the run folder decides where training writes; the eval runs as a stage of its own
         self.train_cfg: TrainConfig = cfg.training.train_config().model_copy(
             update={"output_dir": str(self.out / "train")})
@@ -111,6 +117,48 @@ class Pipeline:
         write_report(self.out, self.cfg, self.state)
         return f"{self.out / 'report.html'}"
 
+    # -- config keys ----------------------------------------------------------------------------
+    def stage_config(self, stage: str) -> dict:
+        """The part of the pipeline config that decides what ``stage`` makes."""
+        if stage == "train":  # where it writes and whether it resumes do not change the model
+            return {"training": self.train_cfg.model_dump(mode="json", exclude={"output_dir": True,
+                                                                                 "checkpoint": {"resume_from"}})}
+        if stage == "eval":
+            ecfg = self.cfg.training.eval
+            return {"eval": ecfg.model_dump(mode="json") if ecfg is not None else None}
+        if stage == "export":
+            return {"export": self.cfg.export.model_dump(mode="json")}
+        if stage == "bento":
+            return {"bento": self.cfg.bento}
+        return {}
+
+    def config_hash(self, stage: str) -> str:
+        """Hash of the stage's config section and of the outputs it reads (each stage output's id)."""
+        inputs = {s: self.state["stages"].get(s, {}).get("output_id") for s in READS[stage]}
+        blob = json.dumps({"config": self.stage_config(stage), "inputs": inputs}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def why_redo(self, stage: str) -> str | None:
+        """None when the stage's recorded config hash matches; else why it must be made again."""
+        rec = self.state["stages"].get(stage, {})
+        if rec.get("config_hash") == self.config_hash(stage):
+            return None
+        if "config_hash" not in rec:
+            return "pipeline.json holds no record of the config that made it"
+        changed = _changed_keys(rec.get("config", {}), self.stage_config(stage))
+        if changed:
+            more = f" (+{len(changed) - 5} more)" if len(changed) > 5 else ""
+            return "its config changed: " + "; ".join(changed[:5]) + more
+        made = {s: self.state["stages"].get(s, {}).get("output_id") for s in READS[stage]}
+        redone = [s for s in READS[stage] if rec.get("inputs", {}).get(s) != made[s]]
+        return f"{' and '.join(redone) or 'an earlier stage'}, which it reads, was made again"
+
+    def _record(self, stage: str, **fields) -> None:
+        self.state["stages"][stage] = {"config_hash": self.config_hash(stage), "config": self.stage_config(stage),
+                                       "inputs": {s: self.state["stages"].get(s, {}).get("output_id")
+                                                  for s in READS[stage]}, **fields}
+        write_json(self.state_path, self.state)
+
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -119,24 +167,63 @@ class Pipeline:
         dump_config(self.cfg, self.out / "config.yaml")
         t_start = time.time()
         for i, stage in enumerate(STAGES, 1):
-            done = self.paths[stage].exists() and stage not in self.forced and stage != "report"
             header = f"[{i}/{len(STAGES)}] {stage}"
-            if done:
-                print(f"{header}: already complete ({self.paths[stage]}), skipped", flush=True)
-                self.state["stages"].setdefault(stage, {})["skipped_last_run"] = True
-                continue
-            if stage in self.forced and stage != "report":
-                _clear(stage, self.out)
+            if stage != "report":  # the report is always rewritten
+                rec = self.state["stages"].get(stage, {})
+                why = self.why_redo(stage)
+                complete = self.paths[stage].exists() and rec.get("status") == "done"
+                if stage in self.forced:
+                    _clear(stage, self.out)
+                elif complete and why is None:
+                    print(f"{header}: already complete ({self.paths[stage]}), skipped", flush=True)
+                    rec["skipped_last_run"] = True
+                    continue
+                elif why is not None and (self.paths[stage].exists() or _begun(stage, self.out)):
+                    print(f"{header}: making it again: {why}", flush=True)
+                    _clear(stage, self.out)
+                # else: begun with this config and interrupted: go on (training resumes from its checkpoint)
             print(f"\n{'=' * 20} {header} {'=' * 20}  (pipeline elapsed {_hms(time.time() - t_start)})", flush=True)
+            self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"))
             t0 = time.time()
             what = getattr(self, stage)()
-            self.state["stages"][stage] = {"seconds": round(time.time() - t0, 1), "result": what,
-                                           "skipped_last_run": False, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            write_json(self.state_path, self.state)
+            self._record(stage, status="done", output_id=uuid.uuid4().hex[:12], seconds=round(time.time() - t0, 1),
+                         result=what, skipped_last_run=False, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             print(f"{header}: done in {_hms(time.time() - t0)}: {what}", flush=True)
         self.state["last_run_s"] = round(time.time() - t_start, 1)
         write_json(self.state_path, self.state)
         return self.state
+
+
+def read_state(path: Path) -> dict:
+    """pipeline.json, or a fresh state when there is none; a corrupt one is one UserError line."""
+    if not Path(path).exists():
+        return {"stages": {}}
+    state = read_json_file(path, "pipeline state", STATE_REMEDY)
+    stages = state.get("stages", {})
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        raise UserError(f"pipeline state {path} is corrupt ('stages' is not a mapping of stages); {STATE_REMEDY}")
+    return {**state, "stages": stages}
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _begun(stage: str, out: Path) -> bool:
+    """Whether an unfinished stage left work that a changed config must not resume (training's checkpoints)."""
+    return stage == "train" and (out / "train").exists()
 
 
 def evaluate_trained(cfg: TrainConfig, ecfg, out: Path) -> dict:
@@ -173,18 +260,20 @@ def summary(out: Path) -> str:
 
     out = Path(out)
     lines = []
-    tr = json.loads((out / "train" / "train_report.json").read_text())
+    tr = read_json_file(out / "train" / "train_report.json", "train report", "re-run with --force train")
     lines.append(f"trained: {tr['what']}, {tr['steps']} steps on {tr['num_images']} images in "
                  f"{tr['wall_time_s']:.0f} s -> {out / 'train' / 'model'}")
     cmp_path = out / "eval" / "compare.json"
     if cmp_path.exists():
-        lines += ["", "against the starting model:", format_table(json.loads(cmp_path.read_text()))]
+        lines += ["", "against the starting model:",
+                  format_table(read_json_file(cmp_path, "eval result", "re-run with --force eval"))]
     manifest = read_manifest(out / "export")
     lines += ["", bench_table(manifest), f"selected: {manifest.selected} ({manifest.selection_reason})"]
-    bento = json.loads((out / "bento.json").read_text()) if (out / "bento.json").exists() else {}
+    bento = read_json_file(out / "bento.json", "bento record", "re-run with --force bento") \
+        if (out / "bento.json").exists() else {}
     if bento.get("tag"):
         lines.append(f"Bento: {bento['tag']}")
-    state = json.loads((out / "pipeline.json").read_text())
+    state = read_state(out / "pipeline.json")
     lines += ["", f"report: {out / 'report.html'}   (stage times: " + ", ".join(
         f"{k} {_hms(v['seconds'])}" for k, v in state["stages"].items() if "seconds" in v) + ")",
         "", "serve it:", f"  .venv/bin/t2i serve {out / 'export'} --port 3000"]

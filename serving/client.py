@@ -2,23 +2,25 @@
 
     python -m serving.client http://localhost:3000 "a red circle on the left" --out circle.png
 
-The same three ways, as shell and Python, are in the README.
+The same three ways, as shell and Python, are in the README. A server started with an API key wants
+it as ``Authorization: Bearer KEY``: pass ``api_key`` (or set T2I_API_KEY for this client).
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import os
 from pathlib import Path
 
 CURL_EXAMPLE = """curl -s -X POST {url}/generate -H 'Content-Type: application/json' \\
   -d '{{"prompt": "a red circle on the left", "seed": 1}}' -o circle.png"""
 
 
-def generate_bentoml(url: str, prompt: str, **fields) -> bytes:
+def generate_bentoml(url: str, prompt: str, api_key: str | None = None, **fields) -> bytes:
     """PNG bytes from ``POST /generate`` through ``bentoml.SyncHTTPClient``."""
     import bentoml
 
-    with bentoml.SyncHTTPClient(url) as client:
+    with bentoml.SyncHTTPClient(url, token=api_key or os.environ.get("T2I_API_KEY")) as client:
         out = client.generate(prompt=prompt, **fields)
     if isinstance(out, (str, Path)):  # the client saves binary responses to a file
         return Path(out).read_bytes()
@@ -31,11 +33,12 @@ def generate_bentoml(url: str, prompt: str, **fields) -> bytes:
     return buf.getvalue()
 
 
-def generate_openai(url: str, prompt: str, n: int = 1, size: str | None = None, **extra) -> list[bytes]:
+def generate_openai(url: str, prompt: str, n: int = 1, size: str | None = None, api_key: str | None = None,
+                    **extra) -> list[bytes]:
     """PNG bytes from the OpenAI Images API shape, through the ``openai`` SDK (``base_url``)."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key="unused")
+    client = OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or os.environ.get("T2I_API_KEY") or "unused")
     kwargs = {"size": size} if size else {}
     res = client.images.generate(prompt=prompt, n=n, response_format="b64_json", extra_body=extra or None, **kwargs)
     return [base64.b64decode(d.b64_json) for d in res.data]

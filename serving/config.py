@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import Strict
+from core.errors import UserError
 
 ENV_PREFIX = "T2I_"
 BUNDLED_ARTIFACT = "artifact"  # where a Bento carries its export dir (relative to the Bento's src)
@@ -22,14 +23,17 @@ class ServingConfig(Strict):
     device: str | None = None
     """cpu or cuda (T2I_DEVICE); default: cuda where available."""
     max_batch_size: int = Field(8, ge=1, le=256)
-    """Most requests the adaptive batcher puts in one batch (T2I_MAX_BATCH_SIZE); 1 turns batching off."""
+    """Most UNet rows the adaptive batcher puts in one batch (T2I_MAX_BATCH_SIZE): an image takes two with
+    classifier-free guidance (guidance_scale > 1), one without; 1 turns batching off."""
     max_latency_ms: int = Field(60_000, ge=10)
     """Latency budget of the batcher (T2I_MAX_LATENCY_MS): a request that cannot be served within
     it is answered 503 at once instead of waiting."""
     timeout_s: int = Field(300, ge=1)
     """Request timeout of both services (T2I_TIMEOUT_S)."""
     max_concurrency: int = Field(64, ge=1)
-    """Requests the API service holds at once (T2I_MAX_CONCURRENCY); more get 429."""
+    """Images the API service has in flight at once, counted like max_batch_size (two per guided image)
+    (T2I_MAX_CONCURRENCY); a request that would go over gets 429. Requests whose client left are
+    cancelled and free their share at once."""
     max_prompt_chars: int = Field(1000, ge=1)
     """Longest prompt accepted, in characters (T2I_MAX_PROMPT_CHARS); longer is a 400. Prompts
     over the tokenizer's 77 tokens but under this are truncated and the response says so."""
@@ -37,6 +41,38 @@ class ServingConfig(Strict):
     """Most images per request (n / num_images) (T2I_MAX_IMAGES)."""
     warmup: bool = True
     """Run one generation per batch size before reporting ready (T2I_WARMUP)."""
+    max_body_bytes: int = Field(65536, ge=1024)
+    """Largest request body accepted, in bytes (T2I_MAX_BODY_BYTES); larger is a 413."""
+    body_timeout_s: float = Field(10.0, gt=0)
+    """Seconds a request body may take to arrive (T2I_BODY_TIMEOUT_S); slower is a 408."""
+    api_key_file: str | None = None
+    """File holding the API key (T2I_API_KEY_FILE), or set T2I_API_KEY: then generation and /info need
+    'Authorization: Bearer KEY'; the probes and /metrics stay open."""
+    trusted_artifacts: bool = False
+    """Run code that a variant ships (the compile variant's Inductor cache) even when it was not built
+    on this machine (T2I_TRUSTED_ARTIFACTS); only for export dirs from a source you trust."""
+
+    @model_validator(mode="after")
+    def _one_request_fits(self) -> "ServingConfig":
+        if self.max_concurrency < 2 * self.max_images:
+            raise ValueError(f"max_concurrency ({self.max_concurrency}) counts images, two per guided image: it "
+                             f"must be at least 2 x max_images ({2 * self.max_images}) for the largest request to run")
+        return self
+
+    def api_key(self, environ: dict | None = None) -> str | None:
+        """The API key: T2I_API_KEY, else the first line of api_key_file; None when neither is set."""
+        env = os.environ if environ is None else environ
+        if env.get(ENV_PREFIX + "API_KEY"):
+            return env[ENV_PREFIX + "API_KEY"].strip()
+        if self.api_key_file:
+            try:
+                key = Path(self.api_key_file).read_text().strip().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read the API key file {self.api_key_file}: {e}") from None
+            if not key or not key[0].strip():
+                raise UserError(f"the API key file {self.api_key_file} is empty")
+            return key[0].strip()
+        return None
 
 
 def from_env(environ: dict | None = None) -> ServingConfig:
@@ -45,7 +81,8 @@ def from_env(environ: dict | None = None) -> ServingConfig:
     for name in ServingConfig.model_fields:
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is not None and raw != "":
-            values[name] = raw.lower() in ("1", "true", "yes") if name == "warmup" else raw
+            is_bool = ServingConfig.model_fields[name].annotation is bool
+            values[name] = raw.lower() in ("1", "true", "yes") if is_bool else raw
     return ServingConfig.model_validate(values, strict=False)
 
 
@@ -56,6 +93,8 @@ def to_env(cfg: ServingConfig) -> dict[str, str]:
         if value is not None:
             out[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
     out[ENV_PREFIX + "EXPORT_DIR"] = str(Path(cfg.export_dir).resolve())
+    if cfg.api_key_file:
+        out[ENV_PREFIX + "API_KEY_FILE"] = str(Path(cfg.api_key_file).resolve())
     return out
 
 
@@ -65,7 +104,7 @@ class ServeConfig(ServingConfig):
     export_dir: str
     """Export dir written by `t2i export`."""
     host: str = "127.0.0.1"
-    """Address to bind (0.0.0.0 listens on every interface)."""
+    """Address to bind (0.0.0.0 listens on every interface: set an API key then)."""
     port: int = Field(3000, ge=1, le=65535)
     """HTTP port."""
 

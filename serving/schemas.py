@@ -24,7 +24,8 @@ Side = Annotated[int, Field(ge=8, le=4096)]
 NumImages = Annotated[int, Field(ge=1, le=_cfg.max_images)]
 ResponseFormat = Literal["b64_json"]
 
-_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+# ASCII digits only ("６４" is a digit to \d) and at most 5 of them: int() of thousands of digits raises
+_SIZE_RE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})", re.ASCII)
 
 
 def field_error(field: str, msg: str, value=None) -> dict:
@@ -35,5 +36,5 @@ def field_error(field: str, msg: str, value=None) -> dict:
 
 def parse_size(size: str) -> tuple[int, int] | None:
     """"WIDTHxHEIGHT" -> (width, height), or None when malformed."""
-    m = _SIZE_RE.match(size.strip())
+    m = _SIZE_RE.fullmatch(size.strip())
     return (int(m.group(1)), int(m.group(2))) if m else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -46,11 +48,143 @@ def micro_data(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("data") / "shapes", n=48, seed=3, size=32)
 
 
+def forbid_unpickling(monkeypatch) -> None:
+    """Makes every way of unpickling fail loudly (torch.load, pickle.load/loads, pickle.Unpickler), so a
+    code path that passes under it reads no pickle."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    class Refuse:
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Refuse)
+
+
+def evil_pickle(marker: Path) -> bytes:
+    """A pickle that, when loaded, creates ``marker`` (what a hostile artifact would do, harmlessly)."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    return pickle.dumps(Evil())
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Runs ``t2i`` in a fresh process, as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+API_KEY = "test-key-0123456789"  # the shared test server's key
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running `t2i serve` on 127.0.0.1; ``probes``: (seconds since start, /readyz status or error)."""
+
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    key: str | None
+    probes: list[tuple[float, object]]
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def get(self, path: str, **kw):
+        import httpx
+
+        headers = {**self.auth, **kw.pop("headers", {})}
+        return httpx.get(self.url + path, headers=headers, timeout=kw.pop("timeout", 60), **kw)
+
+    def post(self, path: str, body, timeout: float = 120, **kw):
+        import httpx
+
+        headers = {**self.auth, **kw.pop("headers", {})}
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=timeout, **kw)
+
+
+def start_server(export_dir: Path, log: Path, *args: str, key: str | None = None, ready_s: float = 300) -> Server:
+    """Starts `t2i serve` in its own session and waits for /readyz 200, probing every 0.25 s with a 2 s
+    client timeout and recording every answer."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(log.parent / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("T2I_API_KEY", None)
+    if key:
+        env["T2I_API_KEY"] = key
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(export_dir), "--host", "127.0.0.1",
+                                 "--port", str(port), *args], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", proc, log, key, [])
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < ready_s:
+        if proc.poll() is not None:
+            pytest.fail("server exited:\n" + log.read_text()[-3000:])
+        try:
+            code = httpx.get(f"{server.url}/readyz", timeout=2).status_code
+        except httpx.TimeoutException:
+            code = "timeout"
+        except httpx.HTTPError:
+            code = "no connection"
+        server.probes.append((round(time.monotonic() - t0, 2), code))
+        if code == 200:
+            return server
+        time.sleep(0.25)
+    stop_server(server)
+    pytest.fail(f"server not ready in {ready_s:g} s:\n" + log.read_text()[-3000:])
+
+
+def stop_server(server: Server, timeout: float = 60) -> int:
+    import signal
+
+    try:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    return server.proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def served_export(micro_model, tmp_path_factory) -> Path:
+    """A micro model's eager-fp32 export, for the server tests."""
+    out = tmp_path_factory.mktemp("serve") / "exp"
+    res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32", "--num-images", "4",
+                  "--repeats", "1", "--batch-sizes", "1", "--steps", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(served_export, tmp_path_factory):
+    """One `t2i serve` for the server tests: API key on, limits small (8 images in flight counting two
+    per guided image, batches of 8 UNet rows, 2 s to send a body)."""
+    srv = start_server(served_export, tmp_path_factory.mktemp("serve-log") / "serve.log", "--max-batch-size", "8",
+                       "--max-latency-ms", "60000", "--max-concurrency", "8", "--body-timeout-s", "2", key=API_KEY)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
 
 
 def micro_overrides(model: Path, data: Path, out: Path, steps: int = 4) -> list[str]:

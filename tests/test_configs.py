@@ -23,6 +23,10 @@ def test_shipped_config_parses(path):
     elif "train" in raw or "model" in raw:  # `t2i train` configs: training plus an optional eval: section
         cfg = load_config(TrainAndEval, path)
         assert cfg.train.max_steps >= 1
+    elif "anchor_weight" in raw:  # t2i train-autoencoder
+        from training.config import AutoencoderConfig
+
+        assert load_config(AutoencoderConfig, path).steps >= 1
     else:
         from evaluation.config import ClassifierConfig
 

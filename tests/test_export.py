@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from core.sampling import GenerationRequest
+from export.loader import load
 from export.manifest import read_manifest
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, evil_pickle, forbid_unpickling, run_cli
 
 CPU_VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "int8-bnb", "compile", "onnx-fp32", "onnx-int8"]
 
@@ -169,3 +171,59 @@ def test_bad_export_input(micro_model, tmp_path):
                   "--num-images", "4", "--repeats", "1", "--batch-sizes", "1", "--steps", "2",
                   "--max-fid-drift", "0", "--max-adherence-drop", "0")
     assert res.returncode == 2 and "no variant meets the budget" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_variants_load_as_data_without_unpickling(exported, tmp_path, monkeypatch):
+    out, _ = exported
+    forbid_unpickling(monkeypatch)
+    for name in CPU_VARIANTS:
+        if name == "compile":
+            continue  # it ships an Inductor cache, which is code: below
+        image = load(out, name).generate([GenerationRequest("a red circle", num_inference_steps=2)])[0][0]
+        assert image.shape == (32, 32, 3), name
+    # on another machine (another user's trust store) the shipped cache is refused before anything runs
+    monkeypatch.setenv("T2I_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(UserError, match="trusted-artifacts"):
+        load(out, "compile")
+    res = run_cli("serve", str(out), "--variant", "compile", "--port", "1",
+                  env={"T2I_CACHE": str(tmp_path / "elsewhere")})
+    assert res.returncode == 2 and "--trusted-artifacts" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_planted_pickle_is_never_loaded(exported, tmp_path):
+    """Every variant's weights swapped for a pickle that would create a file: each load fails with one
+    line and nothing is created."""
+    import shutil
+
+    out, _ = exported
+    marker = tmp_path / "pwned"
+    evil = evil_pickle(marker)
+    bad = tmp_path / "exp"
+    shutil.copytree(out, bad)
+    (bad / "int8-torchao" / "unet" / "torchao_int8.safetensors").write_bytes(evil)
+    bnb = bad / "int8-bnb" / "unet" / "bnb_int8.safetensors"
+    bnb.unlink()
+    bnb.with_suffix(".pt").write_bytes(evil)  # what older exports wrote, with torch.save
+    eager = bad / "eager-fp32" / "unet" / "diffusion_pytorch_model.safetensors"
+    eager.unlink()
+    eager.with_suffix(".bin").write_bytes(evil)  # diffusers' pickled weight format
+    (bad / "onnx-fp32" / "unet" / "model.onnx").write_bytes(evil)
+    (bad / "compile" / "inductor_cache.bin").write_bytes(evil)
+    for name in ("int8-torchao", "int8-bnb", "eager-fp32", "onnx-fp32", "compile"):
+        with pytest.raises(Exception) as err:
+            load(bad, name, trusted=True)  # even trusted: a changed cache no longer matches its hash
+        assert not marker.exists(), name
+        assert isinstance(err.value, UserError) and "\n" not in str(err.value), (name, str(err.value))
+    res = run_cli("serve", str(bad), "--variant", "compile", "--port", "1")
+    assert res.returncode == 2 and "does not match the hash" in res.stderr and "Traceback" not in res.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_hung_benchmark_is_stopped_at_its_timeout(micro_model, tmp_path):
+    res = run_cli("export", str(micro_model), "--out", str(tmp_path / "e"), "--variants", "eager-fp32",
+                  "--num-images", "4", "--repeats", "1", "--batch-sizes", "1", "--steps", "2", "--bench-timeout-s", "0.5")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "benchmark did not finish within bench_timeout_s=0.5 s" in res.stderr

@@ -80,6 +80,21 @@ def test_rerun_skips_completed_stages_and_force_redoes(first_run, micro_model, m
     assert bad.returncode == 2 and "unknown stage" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_rerun_with_a_changed_config_makes_that_stage_again_and_says_why(first_run, micro_model, micro_data):
+    tmp, cfg, env, _ = first_run
+    run = tmp / "run"
+    res = run_cli("pipeline", str(cfg), "--out", str(run), *_overrides(micro_model, micro_data, 4), "export.steps=3",
+                  env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[1/5] train: already complete" in res.stdout and "[2/5] eval: already complete" in res.stdout
+    assert "[3/5] export: making it again: its config changed: export.steps: 2 -> 3" in res.stdout
+    assert "[4/5] bento: making it again: export, which it reads, was made again" in res.stdout
+    assert read_manifest(run / "export").plan.steps == 3
+    (run / "pipeline.json").write_text('{"stages": ')
+    bad = run_cli("pipeline", str(cfg), "--out", str(run), env=env)
+    assert bad.returncode == 2 and "pipeline.json is corrupt" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_report_renders_in_headless_chromium(first_run, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

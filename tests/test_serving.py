@@ -1,34 +1,24 @@
-"""The BentoML service, for real: `t2i serve` (a `bentoml serve` process) on a free port, called
-over HTTP by curl-like posts, BentoML's client and the openai SDK; and `t2i bento`."""
+"""The BentoML service, for real: `t2i serve` (a `bentoml serve` process) on a free port of 127.0.0.1,
+called over HTTP by curl-like posts, BentoML's client and the openai SDK; and `t2i bento`."""
 from __future__ import annotations
 
-import base64
 import concurrent.futures as cf
 import io
-import os
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
 from export.manifest import read_manifest
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli, start_server, stop_server
 
 pytestmark = pytest.mark.slow  # runs the CLI / a server / training in subprocesses
 
-MAX_CONCURRENCY = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MAX_CONCURRENCY = 8  # the `server` fixture's: images in flight, two per guided image
 
 
 def _png(data: bytes) -> np.ndarray:
@@ -37,115 +27,115 @@ def _png(data: bytes) -> np.ndarray:
     return np.asarray(im.convert("RGB")).astype(np.int16)
 
 
-@pytest.fixture(scope="module")
-def export_dir(micro_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("serve") / "exp"
-    res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32,onnx-fp32",
-                  "--num-images", "4", "--repeats", "1", "--batch-sizes", "1", "--steps", "2", "--select", "eager-fp32")
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
+def _raw(server, request: bytes, timeout: float = 30) -> bytes:
+    """Sends raw bytes to the server and returns what it answers (for requests httpx will not make)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data and len(data) > data.index(b"\r\n\r\n") + 4:
+                break
+        return data
 
 
-@pytest.fixture(scope="module")
-def server(export_dir, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml"))}
-    with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(export_dir), "--host", "127.0.0.1",
-                                 "--port", str(port), "--variant", "onnx-fp32",  # dynamic sizes: the harder case
-                                 "--max-batch-size", "8", "--max-latency-ms", "60000",
-                                 "--max-concurrency", str(MAX_CONCURRENCY)], cwd=ROOT, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("server not ready in 240 s:\n" + log.read_text()[-3000:])
-        yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
-
-
-def post(url, path, body, timeout=120):
-    return httpx.post(url + path, json=body, timeout=timeout)
-
-
-def test_ready_health_and_info(server):
+def test_ready_health_and_info(server, served_export):
     for path in ("/healthz", "/livez", "/readyz"):
-        assert httpx.get(server + path).status_code == 200, path
-    info = httpx.get(server + "/info").json()
-    assert info["variant"] == "onnx-fp32" and info["native_size"] == 32
-    assert info["sizes"] == ["16x16", "24x24", "32x32", "40x40", "48x48", "56x56", "64x64"]
+        assert httpx.get(server.url + path).status_code == 200, path  # probes need no key
+    r = server.get("/info")
+    info = r.json()
+    assert info["variant"] == "eager-fp32" and "32x32" in info["sizes"] and "64x64" in info["sizes"]
     assert info["size_range"] == {"min": 16, "max": 64, "multiple_of": 8}
     assert info["limits"]["max_batch_size"] == 8 and "latency" in info["bench"]
-    assert httpx.get(server + "/metrics").status_code == 200
+    assert str(served_export) not in r.text and "/tmp" not in r.text and "export_dir" not in info  # no paths
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_readyz_answered_503_at_once_while_the_model_loaded(server):
+    """While the model loaded, every probe that reached the API got an answer within its 2 s timeout:
+    503 until ready, then 200 (BentoML's own /readyz hung until the model was ready)."""
+    answered = [code for _, code in server.probes if code != "no connection"]
+    assert answered[-1] == 200 and 503 in answered, server.probes
+    assert "timeout" not in answered[answered.index(503):], server.probes
 
 
 def test_generate_returns_png_deterministic_per_seed(server):
-    a = post(server, "/generate", {"prompt": "a red circle on the left", "seed": 5, "num_inference_steps": 3})
+    a = server.post("/generate", {"prompt": "a red circle on the left", "seed": 5, "num_inference_steps": 3})
     assert a.status_code == 200 and a.headers["content-type"] == "image/png"
     assert a.headers["x-prompt-truncated"] == "false"
     img = _png(a.content)
     assert img.shape == (32, 32, 3)
-    b = post(server, "/generate", {"prompt": "a red circle on the left", "seed": 5, "num_inference_steps": 3})
-    c = post(server, "/generate", {"prompt": "a red circle on the left", "seed": 6, "num_inference_steps": 3})
+    b = server.post("/generate", {"prompt": "a red circle on the left", "seed": 5, "num_inference_steps": 3})
+    c = server.post("/generate", {"prompt": "a red circle on the left", "seed": 6, "num_inference_steps": 3})
     assert np.abs(_png(b.content) - img).max() <= 1
     assert np.abs(_png(c.content) - img).mean() > 1  # another seed, another image
-    two = post(server, "/generate", {"prompt": "a red circle", "num_images": 2, "num_inference_steps": 2})
+    two = server.post("/generate", {"prompt": "a red circle", "num_images": 2, "num_inference_steps": 2})
     assert _png(two.content).shape == (32, 64, 3) and two.headers["x-num-images"] == "2"
 
 
 def test_openai_sdk_and_bentoml_client(server):
     from serving.client import generate_bentoml, generate_openai
 
-    pngs = generate_openai(server, "a blue square at the top", n=2, size="32x32", seed=3, num_inference_steps=3)
+    pngs = generate_openai(server.url, "a blue square at the top", n=2, size="32x32", seed=3, num_inference_steps=3,
+                           api_key=server.key)
     assert len(pngs) == 2 and all(_png(p).shape == (32, 32, 3) for p in pngs)
     assert np.abs(_png(pngs[0]) - _png(pngs[1])).mean() > 1  # n images get seeds seed, seed+1
-    same = generate_bentoml(server, "a blue square at the top", seed=3, num_inference_steps=3)
+    same = generate_bentoml(server.url, "a blue square at the top", seed=3, num_inference_steps=3, api_key=server.key)
     assert np.abs(_png(same) - _png(pngs[0])).max() <= 1
 
 
-def test_onnx_variant_serves_native_double_and_non_square_sizes(server):
+def test_api_key_is_required_in_openai_error_shape(server):
+    import openai
+
+    from serving.client import generate_openai
+
+    body = {"prompt": "a red circle", "num_inference_steps": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": server.key},
+                    {"Authorization": f"Basic {server.key}"}):
+        for path in ("/generate", "/v1/images/generations"):
+            r = httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, (headers, path, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error" and "message" in err
+        assert httpx.get(server.url + "/info", headers=headers).status_code == 401
+    with pytest.raises(openai.AuthenticationError):  # the SDK reads the shape as its own error
+        generate_openai(server.url, "a red circle", api_key="wrong")
+    assert server.post("/generate", body).status_code == 200
+
+
+def test_serves_native_double_and_non_square_sizes(server):
     from serving.client import generate_openai
 
     for size, shape in (("32x32", (32, 32, 3)), ("64x64", (64, 64, 3)), ("64x32", (32, 64, 3))):
-        [png] = generate_openai(server, "a red circle on the left", n=1, size=size, seed=2, num_inference_steps=2)
+        [png] = generate_openai(server.url, "a red circle on the left", n=1, size=size, seed=2, num_inference_steps=2,
+                                api_key=server.key)
         assert _png(png).shape == shape, size
-    r = post(server, "/generate", {"prompt": "a red circle", "width": 64, "height": 48, "num_inference_steps": 2})
+    r = server.post("/generate", {"prompt": "a red circle", "width": 64, "height": 48, "num_inference_steps": 2})
     assert r.status_code == 200 and _png(r.content).shape == (48, 64, 3)
 
 
 def test_long_prompt_is_truncated_and_says_so(server):
     long = " ".join(["a red circle on the left"] * 30)  # ~180 tokens, under the 1000-char limit
-    r = post(server, "/generate", {"prompt": long, "num_inference_steps": 2})
+    r = server.post("/generate", {"prompt": long, "num_inference_steps": 2})
     assert r.status_code == 200 and r.headers["x-prompt-truncated"] == "true"
-    o = post(server, "/v1/images/generations", {"prompt": long, "num_inference_steps": 2}).json()
+    o = server.post("/v1/images/generations", {"prompt": long, "num_inference_steps": 2}).json()
     revised = o["data"][0]["revised_prompt"]
     assert revised and len(revised) < len(long) and long.startswith(revised.split(" left")[0])
 
 
 def test_burst_is_batched_and_mixed_steps_come_back_right(server):
-    reqs = [{"prompt": f"a {c} circle", "seed": i, "num_inference_steps": (2, 4)[i % 2]}
-            for i, c in enumerate(["red", "blue", "green", "yellow", "cyan", "brown"])]
-    before = httpx.get(server + "/info").json()["batches_run"]
+    reqs = [{"prompt": f"a {c} circle", "seed": i, "num_inference_steps": (2, 4)[i % 2], "guidance_scale": 1.0}
+            for i, c in enumerate(["red", "blue", "green", "yellow", "cyan", "brown"])]  # unguided: 1 row each
+    before = server.get("/info").json()["batches_run"]
     with cf.ThreadPoolExecutor(len(reqs)) as ex:
-        burst = list(ex.map(lambda r: post(server, "/generate", r), reqs))
+        burst = list(ex.map(lambda r: server.post("/generate", r), reqs))
     assert [r.status_code for r in burst] == [200] * len(reqs)
-    after = httpx.get(server + "/info").json()["batches_run"]
+    after = server.get("/info").json()["batches_run"]
     grew = {int(k) for k in after if after[k] > before.get(k, 0)}
     assert max(grew) > 1, after  # several requests shared one batch
     for r, got in zip(reqs, burst):  # each answer is its own request's image, whatever it was batched with
-        alone = post(server, "/generate", r)
+        alone = server.post("/generate", r)
         assert np.abs(_png(got.content) - _png(alone.content)).mean() < 1.0, r
 
 
@@ -167,24 +157,128 @@ def test_burst_is_batched_and_mixed_steps_come_back_right(server):
     ("/v1/images/generations", {"prompt": "a red circle", "n": 5}, "n"),
     ("/v1/images/generations", {"prompt": "a red circle", "size": "72x72"}, "size"),
     ("/v1/images/generations", {"prompt": "a red circle", "size": "big"}, "size"),
+    ("/v1/images/generations", {"prompt": "a red circle", "size": "9" * 5000 + "x32"}, "size"),
+    ("/v1/images/generations", {"prompt": "a red circle", "size": "\uff13\uff12x\uff13\uff12"}, "size"),  # ３２x３２
     ("/v1/images/generations", {"prompt": "a red circle", "response_format": "url"}, "response_format"),
 ])
 def test_bad_request_is_400_naming_the_field(server, path, body, field):
-    r = post(server, path, body)
+    r = server.post(path, body)
     assert r.status_code == 400, r.text
     locs = [d["loc"] for d in r.json()["detail"]]
     assert any(field in loc for loc in locs), r.text
-    assert post(server, "/generate", {"prompt": "still serving", "num_inference_steps": 1}).status_code == 200
+    assert server.post("/generate", {"prompt": "still serving", "num_inference_steps": 1}).status_code == 200
+
+
+def test_only_json_bodies_of_bounded_size_are_read(server):
+    ok = b'{"prompt": "a red circle", "num_inference_steps": 1}'
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                  "multipart/form-data; boundary=x", None):
+        headers = {**server.auth, **({"Content-Type": ctype} if ctype else {})}
+        r = httpx.post(server.url + "/generate", content=ok, headers=headers, timeout=30)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (ctype, r.text)
+    big = b'{"prompt": "' + b"a" * 70_000 + b'"}'
+    r = httpx.post(server.url + "/generate", content=big, headers={**server.auth, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    chunked = httpx.post(server.url + "/generate", content=iter([big[:40_000], big[40_000:]]),  # no Content-Length
+                         headers={**server.auth, "Content-Type": "application/json"}, timeout=30)
+    assert chunked.status_code == 413
+    for bad in (b"{bad", b"[1, 2]", b'{"prompt": "a", "num_inference_steps": 1' + b"9" * 5000 + b"}", b"\xff\xfe"):
+        r = httpx.post(server.url + "/generate", content=bad, headers={**server.auth, "Content-Type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 400, (bad[:20], r.text)
+
+
+def test_a_stalled_body_gets_408_and_holds_no_slot(server):
+    """Clients that send headers and stall their body are cut off after the 2 s body timeout, and a
+    real client is served meanwhile."""
+    head = (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"").encode()
+    with cf.ThreadPoolExecutor(MAX_CONCURRENCY + 1) as ex:
+        t0 = time.monotonic()
+        stalled = [ex.submit(_raw, server, head) for _ in range(MAX_CONCURRENCY)]
+        time.sleep(0.5)
+        real = server.post("/generate", {"prompt": "a red circle", "num_inference_steps": 1})
+        answers = [f.result() for f in stalled]
+    assert real.status_code == 200
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[0][:200]
+    assert time.monotonic() - t0 < 15
+
+
+def test_abandoned_requests_are_cancelled_and_free_their_slots(server):
+    """Clients that post a long request and leave: their work stops, and a real client is served in
+    less than the time one of those requests takes (it got 429s before)."""
+    slow = {"prompt": "a red circle", "num_inference_steps": 60}
+    t0 = time.monotonic()
+    assert server.post("/generate", slow).status_code == 200
+    one_request_s = time.monotonic() - t0
+    body = httpx.Request("POST", "/generate", json=slow).content
+    req = (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.key}\r\nContent-Type: "
+           f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    host, port = server.url.removeprefix("http://").split(":")
+    clients = [socket.create_connection((host, int(port))) for _ in range(8)]
+    for c in clients:  # they post, wait long enough for their work to start, and leave
+        c.sendall(req)
+    time.sleep(2.0)
+    for c in clients:
+        c.close()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    real = server.post("/generate", {"prompt": "a blue square", "num_inference_steps": 2})
+    waited = time.monotonic() - t0
+    assert real.status_code == 200, real.text
+    assert waited < one_request_s, (waited, one_request_s)
+    assert server.get("/info").json()["images_in_flight"] == 0
+    assert "client left before its answer: /generate cancelled" in server.log.read_text()
+
+
+def test_concurrency_counts_images_with_their_guidance(server):
+    """max_concurrency 8: two requests of 4 unguided images fit together, two of 4 guided ones do not."""
+    def pair(guidance: float) -> list[int]:
+        body = {"prompt": "a red circle", "num_images": 4, "num_inference_steps": 30, "guidance_scale": guidance}
+        with cf.ThreadPoolExecutor(2) as ex:
+            return sorted(r.status_code for r in ex.map(lambda _: server.post("/generate", body), range(2)))
+
+    assert pair(1.0) == [200, 200]
+    assert pair(5.0) == [200, 429]
 
 
 def test_overload_gets_429_never_a_hang(server):
     n = MAX_CONCURRENCY * 3
     with cf.ThreadPoolExecutor(n) as ex:
-        res = list(ex.map(lambda i: post(server, "/generate", {"prompt": "a red circle", "seed": i,
-                                                                "num_inference_steps": 30}), range(n)))
+        res = list(ex.map(lambda i: server.post("/generate", {"prompt": "a red circle", "seed": i,
+                                                               "num_inference_steps": 30}), range(n)))
     codes = [r.status_code for r in res]
     assert set(codes) <= {200, 429, 503} and 429 in codes and 200 in codes, codes
     assert all(_png(r.content).shape == (32, 32, 3) for r in res if r.status_code == 200)
+
+
+def test_client_errors_are_logged_as_one_line(server):
+    server.post("/generate", {"prompt": "", "num_inference_steps": 1})
+    httpx.post(server.url + "/generate", content=b"x", headers={"Content-Type": "text/plain"})
+    time.sleep(0.5)
+    log = server.log.read_text()
+    assert "Traceback" not in log and "validation error" in log and " 415 on /generate" in log
+
+
+def test_sigterm_mid_request_stops_every_process(served_export, tmp_path):
+    """SIGTERM to `t2i serve` while a request runs: in-flight work finishes or is cut off within the
+    stated 10 s grace, and no process of the server is left."""
+    srv = start_server(served_export, tmp_path / "serve.log", "--no-warmup")
+    procs = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
+    assert len(procs) >= 3  # t2i serve, the BentoML arbiter, its workers
+    with cf.ThreadPoolExecutor(1) as ex:
+        pending = ex.submit(srv.post, "/generate", {"prompt": "a red circle", "num_inference_steps": 100}, 60)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        stop_server(srv, timeout=30)
+        stopped_s = time.monotonic() - t0
+        try:
+            code = pending.result().status_code
+        except httpx.HTTPError:
+            code = "cut off"
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    assert not alive, [p.cmdline() for p in alive]
+    assert stopped_s < 15 and code in (200, 503, "cut off"), (stopped_s, code)
 
 
 def test_serve_missing_export_dir_is_a_clear_error(tmp_path):
@@ -192,17 +286,22 @@ def test_serve_missing_export_dir_is_a_clear_error(tmp_path):
     assert res.returncode == 2 and "no export.json" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_bento_builds_with_the_artifact(export_dir, tmp_path):
-    res = run_cli("bento", str(export_dir), env={"BENTOML_HOME": str(tmp_path / "bentoml")})
+def test_serve_unreadable_key_file_is_a_clear_error(served_export, tmp_path):
+    res = run_cli("serve", str(served_export), "--api-key-file", str(tmp_path / "none"))
+    assert res.returncode == 2 and "API key file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bento_builds_with_the_artifact(served_export, tmp_path):
+    res = run_cli("bento", str(served_export), env={"BENTOML_HOME": str(tmp_path / "bentoml")})
     assert res.returncode == 0, res.stderr[-2000:]
     tag = res.stdout.split("built Bento ")[1].split()[0]
     name, version = tag.split(":")
     src = tmp_path / "bentoml" / "bentos" / name / version / "src"
     manifest = read_manifest(src / "artifact")
     assert manifest.selected == "eager-fp32" and list(manifest.variants) == ["eager-fp32"]
-    assert manifest.bundled_from == str(export_dir.resolve())
+    assert manifest.bundled_from == str(served_export.resolve())
     assert (src / "artifact" / "eager-fp32" / "unet").is_dir()
     assert (src / "serving" / "service.py").is_file() and (src / "export" / "loader.py").is_file()
     assert (tmp_path / "bentoml" / "bentos" / name / version / "env" / "docker" / "Dockerfile").is_file()
-    res = run_cli("bento", str(export_dir), "--variant", "onnx-int8", env={"BENTOML_HOME": str(tmp_path / "b2")})
+    res = run_cli("bento", str(served_export), "--variant", "onnx-int8", env={"BENTOML_HOME": str(tmp_path / "b2")})
     assert res.returncode == 2 and "onnx-int8" in res.stderr

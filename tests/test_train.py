@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from tests.conftest import micro_overrides
+from tests.conftest import forbid_unpickling, micro_overrides
 from core.config import load_config
 from training.config import TrainConfig
 from training.train import main
@@ -61,17 +61,32 @@ def test_checkpoint_limit_and_atomic_names(full_run):
 
 
 @pytest.mark.slow
-def test_resume_is_exact(micro_model, micro_data, tmp_path):
-    """Resuming from step 4 of a 6-step run lands on bit-identical weights (optimizer, LR, RNG, data order)."""
+def test_resume_is_exact_and_passes_over_a_corrupt_latest(micro_model, micro_data, tmp_path, capsys, monkeypatch):
+    """A truncated latest checkpoint is passed over (saying so) and moved aside with the abandoned run's
+    newer ones; resuming from step 2 of a 6-step run, with EMA, lands on bit-identical weights
+    (optimizer, LR, EMA, RNG, data order)."""
     import shutil
 
+    ema = ["checkpoint.total_limit=null", "train.ema_decay=0.9", "train.ema_warmup=false"]
     straight = tmp_path / "straight"
-    main(_cfg(micro_model, micro_data, straight, steps=6, extra=["checkpoint.total_limit=null"]))
+    main(_cfg(micro_model, micro_data, straight, steps=6, extra=ema))
+    assert not list(straight.rglob("*.pkl")) and not list(straight.rglob("*.bin"))  # no pickles written either
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "checkpoint-0000004", resumed / "checkpoints" / "checkpoint-0000004")
-    report = main(_cfg(micro_model, micro_data, resumed, steps=6, extra=["checkpoint.resume_from=latest"]))
-    assert report["steps_this_run"] == 2
+    for step in (2, 4):
+        shutil.copytree(straight / "checkpoints" / f"checkpoint-000000{step}",
+                        resumed / "checkpoints" / f"checkpoint-000000{step}")
+    weights = resumed / "checkpoints" / "checkpoint-0000004" / "model_0.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a crash mid-write on a filesystem without ordering
+    capsys.readouterr()
+    forbid_unpickling(monkeypatch)  # the resume reads data only
+    report = main(_cfg(micro_model, micro_data, resumed, steps=6, extra=ema + ["checkpoint.resume_from=latest"]))
+    out = capsys.readouterr().out
+    assert "skipping checkpoint-0000004" in out and "resumed from" in out and "checkpoint-0000002" in out
+    assert report["steps_this_run"] == 4
+    assert [p.name for p in (resumed / "checkpoints" / "abandoned").glob("*/*")] == ["checkpoint-0000004"]
+    assert sorted(p.name for p in (resumed / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-0000002", "checkpoint-0000004", "checkpoint-0000006"]  # 4 written again by the resumed run
     a, b = _unet_weights(straight / "model"), _unet_weights(resumed / "model")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -239,3 +254,31 @@ def test_focus_token_learning_rate_moves_only_the_focus_words_embeddings(micro_m
     assert (embeddings(tmp_path / "f" / "model") - before).norm(dim=1)[ids].min() > 0.01
     with pytest.raises(UserError, match="focus words"):
         setup(_cfg(micro_model, micro_data, tmp_path / "n", steps=1, extra=["train.focus_token_learning_rate=1e-2"]))
+
+
+def test_planted_pickle_in_a_checkpoint_is_never_loaded(full_run, micro_model, micro_data, tmp_path):
+    """A checkpoint whose files were swapped for a pickle that would write a file, and one in the old
+    pickled format, are refused in one line; nothing is written."""
+    import shutil
+
+    from core.errors import UserError
+    from tests.conftest import evil_pickle
+
+    out, _ = full_run
+    run = tmp_path / "run"
+    marker = tmp_path / "pwned"
+    shutil.copytree(out / "checkpoints" / "checkpoint-0000004", run / "checkpoints" / "checkpoint-0000004")
+    (run / "checkpoints" / "checkpoint-0000004" / "state.safetensors").write_bytes(evil_pickle(marker))
+    old = run / "checkpoints" / "checkpoint-0000002"  # accelerate's layout, as older t2i wrote it
+    old.mkdir()
+    (old / "train_state.json").write_text('{"global_step": 2}')
+    for name in ("random_states_0.pkl", "optimizer.bin", "custom_checkpoint_0.pkl"):
+        (old / name).write_bytes(evil_pickle(marker))
+    with pytest.raises(UserError) as err:
+        main(_cfg(micro_model, micro_data, run, steps=6, extra=["checkpoint.resume_from=latest"]))
+    msg = str(err.value)
+    assert "\n" not in msg and "checkpoint-0000004" in msg and "checkpoint-0000002" in msg
+    assert not marker.exists()
+    with pytest.raises(UserError, match="older t2i as pickles"):
+        main(_cfg(micro_model, micro_data, run, steps=6, extra=[f"checkpoint.resume_from={old}"]))
+    assert not marker.exists()

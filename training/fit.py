@@ -53,7 +53,7 @@ def check(cfg) -> dict:
         raise UserError(f"t2i data check needs a local model dir; {cfg.model} is not one")
     resolution = cfg.resolution or model_meta(path)["native_size"]
     data = load_imagefolder(cfg.path, resolution, cfg.image_column, cfg.caption_column, "skip", cfg.crop)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch.float32, use_safetensors=True).eval()
     fit = vae_round_trip(vae, data.pixels, cfg.samples)
     return {"dataset": cfg.path, "model": cfg.model, "resolution": resolution,
             "summary": summary(data, load_tokenizer(path)), "vae_fit": fit,

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler,
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from core.errors import UserError
+from core.io import atomic_dir
 from core.models import resolve_model, standardize_text_encoder, vae_scale
 
 
@@ -149,10 +150,11 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         out_dir = Path(out_dir)
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        standardize_text_encoder(out_dir / "text_encoder")
-        for name in ("vocab.json", "merges.txt"):  # for transformers 4.x's slow CLIPTokenizer
-            shutil.copy(Path(tmp) / "tokenizer" / name, out_dir / "tokenizer" / name)
+        with atomic_dir(out_dir) as staging:  # whole or absent: a killed build is never taken for a model
+            pipe.save_pretrained(staging, safe_serialization=True)
+            standardize_text_encoder(staging / "text_encoder")
+            for name in ("vocab.json", "merges.txt"):  # for transformers 4.x's slow CLIPTokenizer
+                shutil.copy(Path(tmp) / "tokenizer" / name, staging / "tokenizer" / name)
     return out_dir
 
 
@@ -187,9 +189,9 @@ def load_components(model: str, cache_dir: str | Path | None = None) -> Componen
     path, _ = resolve_model(model)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
         sched_cfg = DDPMScheduler.load_config(path, subfolder="scheduler")
     except OSError as e:
         raise UserError(f"could not load model {model}: {e}") from None

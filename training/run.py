@@ -16,7 +16,7 @@ from core.config import dump_config
 from core.errors import UserError
 from core.images import to_pixels
 from core.models import size_factor
-from training.checkpoints import find_checkpoint, resume
+from training.checkpoints import choose_checkpoint, resume, set_aside_newer
 from training.config import TrainConfig
 from training.data import format_summary, summary
 from training.fit import poor_fit_message, vae_round_trip
@@ -72,7 +72,7 @@ class Run:
     """One training run: the model, data, caches, optimizer, schedule, EMA and step."""
 
     def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
         from accelerate.utils import ProjectConfiguration
 
         from training.model import LatentDiffusion
@@ -83,23 +83,28 @@ class Run:
         self.out = Path(cfg.output_dir)
         if t.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
-        comps = load_components(cfg.model.pretrained, cache_dir=self.out.parent / ".presets")
-        self.resolution = cfg.model.resolution or comps.resolution
-        check_resolution(comps, self.resolution)
-        v_prediction = (t.prediction_type or comps.noise_scheduler.config.prediction_type) == "v_prediction"
-        if t.zero_terminal_snr and not v_prediction:
-            raise UserError("train.zero_terminal_snr needs train.prediction_type=v_prediction (epsilon is "
-                            "undefined at zero SNR)")
-        self.data = prepare_data(cfg, self.resolution)
-        self.ckpt_dir = self.out / "checkpoints"
-        self.resume_from = find_checkpoint(self.ckpt_dir, cfg.checkpoint.resume_from)
-
         # cpu=True without a GPU: how accelerate picks gloo data parallelism (MULTI_CPU) when
         # `accelerate launch --multi_gpu` / torchrun start several processes on a CPU machine.
+        cpu = not torch.cuda.is_available()
+        # a preset or the synthetic dataset is rendered once, by the main process; the others wait for it
+        with PartialState(cpu=cpu).main_process_first():
+            comps = load_components(cfg.model.pretrained, cache_dir=self.out.parent / ".presets")
+            self.resolution = cfg.model.resolution or comps.resolution
+            check_resolution(comps, self.resolution)
+            v_prediction = (t.prediction_type or comps.noise_scheduler.config.prediction_type) == "v_prediction"
+            if t.zero_terminal_snr and not v_prediction:
+                raise UserError("train.zero_terminal_snr needs train.prediction_type=v_prediction (epsilon is "
+                                "undefined at zero SNR)")
+            self.data = prepare_data(cfg, self.resolution)
+        self.ckpt_dir = self.out / "checkpoints"
+
         self.acc = acc = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
+            cpu=cpu, mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.grad_accum, log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        # read (and verified) in full before anything is written: a corrupt latest falls back to the one before
+        chosen = choose_checkpoint(self.ckpt_dir, cfg.checkpoint.resume_from, acc.process_index, acc.print)
+        self.resume_from, resume_state = chosen or (None, None)
         torch.manual_seed(t.seed + acc.process_index)
         self.focus_words = cfg.focus_words_resolved()
         if self.focus_words and t.focus_token_learning_rate:
@@ -143,9 +148,14 @@ class Run:
         names = ["vae"] if t.what == "vae" else ["unet", "text_encoder"][:len(mods)]
         for name, m in zip(names, mods):
             setattr(self.model, name, m)
-        self.ema = self._ema() if t.ema_decay else None
+        self.ema = self._ema() if t.ema_decay else None  # checkpointed by training.checkpoints, not accelerate
         if self.resume_from is not None:
-            resume(self, self.resume_from)
+            resume(self, self.resume_from, resume_state)
+            del resume_state
+            acc.wait_for_everyone()
+            if acc.is_main_process and (moved := set_aside_newer(self.ckpt_dir, self.resume_from)):
+                acc.print(f"moved the newer checkpoints of the abandoned run aside to "
+                          f"{self.ckpt_dir / 'abandoned'}: {', '.join(moved)}")
         if acc.is_main_process:
             acc.init_trackers("t2i", config=_flat_hparams(cfg))
 
@@ -202,7 +212,6 @@ class Run:
         t = self.cfg.train
         # min_decay = decay turns diffusers' (1 + s) / (10 + s) warm-up off
         ema = EMAModel(self.ema_params, decay=t.ema_decay, min_decay=0.0 if t.ema_warmup else t.ema_decay)
-        self.acc.register_for_checkpointing(ema)
         reached = ema.get_decay(t.max_steps)  # diffusers' own schedule, at the last step
         if t.ema_warmup and reached < t.ema_decay:
             self.acc.print(f"note: with train.ema_warmup the EMA decay reaches only {reached:.4f} by step "

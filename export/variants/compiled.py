@@ -1,7 +1,11 @@
 """torch.compile (Inductor) of the UNet and the VAE decoder, on top of another variant's weights
 (eager-fp32 or int8-torchao). Build warms up every batch size the service will use and saves
 Inductor's compiled artifacts (``torch.compiler.save_cache_artifacts``) into the folder, so a fresh
-process loads them instead of compiling from scratch (the benchmark reports both starts)."""
+process loads them instead of compiling from scratch (the benchmark reports both starts).
+
+Those artifacts are pickles and compiled kernels: loading them runs code. They load only through
+``export.trust`` (a hash manifest written at build; built on this machine, or --trusted-artifacts).
+Without the cache file the variant compiles from scratch, which runs only code torch generates."""
 from __future__ import annotations
 
 import shutil
@@ -10,9 +14,12 @@ from pathlib import Path
 
 import torch
 
+from core.errors import UserError
 from core.sampling import GenerationRequest
+from export import trust
 
 CACHE_FILE = "inductor_cache.bin"
+CODE_KIND = "an Inductor cache (pickled graphs and compiled kernels)"
 
 
 def _compile(gen) -> None:
@@ -55,19 +62,23 @@ class Compiled:
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None:
             (out_dir / CACHE_FILE).write_bytes(saved[0])
+            trust.record(out_dir, [CACHE_FILE], CODE_KIND)
         (out_dir / "compile.json").write_text(__import__("json").dumps(
             {"base": self.base, "batch_sizes": ctx.get("batch_sizes", [1])}))
         return {**notes, "base": self.base, "cold_compile_s": round(cold, 1),
                 "cache_bytes": len(saved[0]) if saved else 0}
 
-    def load(self, var_dir: Path, device: str):
-        import json
+    def load(self, var_dir: Path, device: str, trusted: bool = False):
+        from core.io import read_json_file
 
-        cache = var_dir / CACHE_FILE
-        if cache.exists():
-            torch.compiler.load_cache_artifacts(cache.read_bytes())
+        settings = read_json_file(var_dir / "compile.json", "compile settings", "re-run `t2i export`")
+        batch_sizes = settings.get("batch_sizes")
+        if not (isinstance(batch_sizes, list) and batch_sizes and all(isinstance(b, int) and 0 < b <= 256
+                                                                      for b in batch_sizes)):
+            raise UserError(f"{var_dir / 'compile.json'} is corrupt (batch_sizes); re-run `t2i export`")
+        if (var_dir / CACHE_FILE).exists():  # verified and trusted, or refused, before anything runs
+            torch.compiler.load_cache_artifacts(trust.verified_bytes(var_dir, CACHE_FILE, trusted))
         gen = self._base().load(var_dir, device)
         _compile(gen)
-        batch_sizes = json.loads((var_dir / "compile.json").read_text())["batch_sizes"]
         gen.info = {"variant": f"compile ({self.base})", "warm_start_s": round(warm_up(gen, batch_sizes), 1)}
         return gen

@@ -33,6 +33,6 @@ class Eager:
         write_meta(model_dir, out_dir)
         return {"format": "diffusers", "dtype": self.precision}
 
-    def load(self, var_dir: Path, device: str):
+    def load(self, var_dir: Path, device: str, trusted: bool = False):
         te, unet, vae = load_torch_parts(var_dir, self.dtype, device)
         return torch_generator(var_dir, te, unet, vae, self.dtype, device, {"variant": f"eager-{self.precision}"})

@@ -1,14 +1,18 @@
 """int8 with bitsandbytes LLM.int8 (Dettmers et al. 2022): every nn.Linear of the UNet and text
 encoder becomes ``bnb.nn.Linear8bitLt`` (outlier threshold 6.0). diffusers' BitsAndBytesConfig
 refuses to quantize without a GPU, so the layers are swapped directly; bitsandbytes 0.50 runs
-them on CPU too."""
+them on CPU too. The int8 weights and their scales (SCB) are plain tensors, saved as safetensors and
+copied into freshly swapped layers at load."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from export.common import copy_shared, empty_parts, load_torch_parts, save_quantized, torch_generator, write_meta
+from core.errors import UserError
+from export.common import copy_shared, empty_parts, load_torch_parts, read_part, save_part, torch_generator, write_meta
+
+WEIGHTS = "bnb_int8.safetensors"
 
 
 def swap_linears(module: torch.nn.Module) -> int:
@@ -52,12 +56,12 @@ class BnbInt8:
         for name, module in (("text_encoder", te), ("unet", unet)):
             counts[name] = swap_linears(module)
             module.to(device)  # bitsandbytes quantizes when the weights move to the device
-        save_quantized(out_dir, {"text_encoder": te, "unet": unet}, "bnb_int8.pt")
+            save_part(out_dir, name, module, module.state_dict(), WEIGHTS)
         vae.save_pretrained(out_dir / "vae", safe_serialization=True)
         write_meta(model_dir, out_dir)
-        return {"format": "bitsandbytes Linear8bitLt state dict", "linear_layers": counts}
+        return {"format": "bitsandbytes Linear8bitLt tensors in safetensors", "linear_layers": counts}
 
-    def load(self, var_dir: Path, device: str):
+    def load(self, var_dir: Path, device: str, trusted: bool = False):
         from diffusers import AutoencoderKL
 
         parts = empty_parts(var_dir)
@@ -65,8 +69,12 @@ class BnbInt8:
         for name, module in parts.items():
             swap_linears(module)
             module.to(device)
-            module.load_state_dict(torch.load(var_dir / name / "bnb_int8.pt", weights_only=False,
-                                              map_location=device))
+            tensors, _ = read_part(var_dir, name, WEIGHTS, device)
+            try:
+                module.load_state_dict(tensors)
+            except RuntimeError as e:
+                raise UserError(f"{var_dir / name / WEIGHTS} does not fit the {name} config "
+                                f"({str(e).splitlines()[0][:120]}); re-run `t2i export`") from None
             module.eval()
-        vae = AutoencoderKL.from_pretrained(var_dir / "vae").to(device).eval()
+        vae = AutoencoderKL.from_pretrained(var_dir / "vae", use_safetensors=True).to(device).eval()
         return torch_generator(var_dir, te, unet, vae, torch.float32, device, {"variant": "int8-bnb"})

@@ -80,7 +80,11 @@ def _session(path: Path, device: str):
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), so, providers=providers)
+    try:  # ONNX is a protobuf graph of standard operators: reading it runs no code of the file's
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a loadable ONNX model ({first}); re-run `t2i export`") from None
 
 
 def _check(module, examples: list[tuple], path: Path, name: str, atol: float) -> float:
@@ -232,6 +236,6 @@ class Onnx:
                 "dynamic_axes": "batch, height, width", "checked_sizes": [meta["native_size"], meta["max_size"]],
                 "max_abs_error_vs_torch": errors, "component_atol": COMPONENT_ATOL}
 
-    def load(self, var_dir: Path, device: str):
+    def load(self, var_dir: Path, device: str, trusted: bool = False):
         return make_generator(var_dir, OnnxBackend(var_dir, device, self.precision),
                               {"variant": f"onnx-{self.precision}"})
