@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -22,9 +23,14 @@ class ServingConfig(Strict):
     """Variant to serve (T2I_VARIANT); default: the manifest's selected one."""
     device: str | None = None
     """cpu or cuda (T2I_DEVICE); default: cuda where available."""
+    batching: Literal["step", "request", "off"] = "step"
+    """How requests share the UNet (T2I_BATCHING). step: continuous batching, requests join and leave
+    the running set between denoising steps, whatever their step count, guidance or seed; request:
+    BentoML's adaptive batcher groups whole requests (same steps and size) for up to max_latency_ms;
+    off: one request at a time."""
     max_batch_size: int = Field(8, ge=1, le=256)
-    """Most UNet rows the adaptive batcher puts in one batch (T2I_MAX_BATCH_SIZE): an image takes two with
-    classifier-free guidance (guidance_scale > 1), one without; 1 turns batching off."""
+    """Most UNet rows in one UNet call, for step and request batching (T2I_MAX_BATCH_SIZE): an image takes
+    two with classifier-free guidance (guidance_scale > 1), one without; 1 turns batching off."""
     max_latency_ms: int = Field(60_000, ge=10)
     """Latency budget of the batcher (T2I_MAX_LATENCY_MS): a request that cannot be served within
     it is answered 503 at once instead of waiting."""

@@ -3,10 +3,12 @@
 
     bentoml serve serving.service:ImageAPI          # or: t2i serve EXPORT_DIR
 
-BentoML batches one list parameter, while diffusion requests differ in steps, size and guidance:
-the API sends each image as one list item (a guided image as two: it takes two UNet rows), so the
-batcher's ``max_batch_size`` counts UNet rows, and the export engine groups the items that can share
-a batch (same steps and size) and runs each group once, with per-image seed and guidance.
+Three batching modes (``T2I_BATCHING``). ``step`` (default): ``core.stepper.StepEngine`` runs in the
+model service and requests join its running set between denoising steps, whatever their steps,
+guidance, seed or negative prompt; every UNet call holds up to ``max_batch_size`` rows. ``request``:
+BentoML's batcher groups whole requests: the API sends each image as one list item (a guided image
+as two: it takes two UNet rows), so ``max_batch_size`` counts UNet rows, and the export engine runs
+the items that share steps and size as one batch. ``off``: one request at a time.
 ``serving.guard`` checks every request before BentoML parses it (JSON only, size, time, API key)
 and cancels the request of a client that left.
 """
@@ -35,7 +37,7 @@ from serving.schemas import (Guidance, NegativePrompt, NumImages, Prompt, Respon
                              field_error, parse_size)
 
 CFG = from_env()
-BATCHING = CFG.max_batch_size > 1
+MODE = CFG.batching if CFG.max_batch_size > 1 else "off"
 CANCEL_MEMORY_S = 600.0  # how long the model remembers a cancelled request id
 
 
@@ -81,6 +83,7 @@ class ImageModel:
 
     def _load(self) -> None:
         from core.sampling import GenerationRequest
+        from core.stepper import StepEngine
         from export.loader import load
 
         try:
@@ -93,6 +96,12 @@ class ImageModel:
                     self.gen.generate([GenerationRequest("warm-up", num_inference_steps=2, seed=i)
                                        for i in range(images)])
             self.warmup_s = time.perf_counter() - t0
+            if MODE == "step":
+                from serving.metrics import EngineMetrics
+
+                self.engine = StepEngine(self.gen, max_rows=CFG.max_batch_size, max_queue_rows=CFG.max_concurrency,
+                                         cancelled=lambda r: r.request_id in self._cancelled,
+                                         observer=EngineMetrics())
             self.ready = True
         except Exception as e:  # noqa: BLE001 - whatever broke, say it in one line and stay not ready
             self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -104,9 +113,9 @@ class ImageModel:
     def __is_alive__(self) -> bool:
         return self.error is None
 
-    # max_batch_size 1 = batching off: a plain method, one request per call, in arrival order.
+    # off (or step, which does not call it): a plain method, one request per call, in arrival order.
     @bentoml.api(**({"batchable": True, "max_batch_size": CFG.max_batch_size, "max_latency_ms": CFG.max_latency_ms}
-                    if BATCHING else {}))
+                    if MODE == "request" else {}))
     def generate_batch(self, items: list[dict]) -> list[dict]:
         """Each item: GenerationRequest fields for one image, or ``{"pad": id}`` (a guided image's second
         UNet row, which only makes the batcher count it). One result per item: a base64 PNG, whether
@@ -142,6 +151,40 @@ class ImageModel:
         return out
 
     @bentoml.api
+    async def generate_steps(self, items: list[dict]) -> list[dict]:
+        """Step batching: the same items and results as ``generate_batch``, each image its own request
+        in the engine's running set (pads are skipped). ``batch_size`` is the largest UNet call the
+        request ran in."""
+        from bentoml.exceptions import ServiceUnavailable
+
+        from core.sampling import GenerationRequest
+        from core.stepper import EngineFull
+
+        if not self.ready:
+            raise ServiceUnavailable("the model is still loading; retry when /readyz is 200")
+        out: list[dict] = [{"pad": True} for _ in items]
+        where, futures = [], []
+        try:
+            for i, item in enumerate(items):
+                if "pad" not in item:
+                    futures.append(asyncio.wrap_future(self.engine.submit(GenerationRequest(**item))))
+                    where.append(i)
+        except EngineFull as e:
+            for f in futures:
+                f.cancel()
+            raise ServiceUnavailable(f"the engine's queue is full ({e}); retry shortly") from None
+        results = await asyncio.gather(*futures)
+        for i, res in zip(where, results):
+            if res is None:
+                out[i] = {"cancelled": True}
+                continue
+            self.batch_sizes[res.peak_rows] += 1
+            out[i] = {"image": base64.b64encode(_png(res.images[0])).decode(), **self._truncation(items[i]["prompt"]),
+                      "batch_size": res.peak_rows, "compute_ms": round(1000 * res.run_s, 1),
+                      "queue_ms": round(1000 * res.queue_s, 1)}
+        return out
+
+    @bentoml.api
     async def cancel(self, request_ids: list[str]) -> int:
         """Marks requests as cancelled: their items are dropped before they start, and a batch made
         only of cancelled items stops at its next step. Returns how many ids it remembers."""
@@ -173,7 +216,8 @@ class ImageModel:
                 "bench": g.info.get("bench", {}), "quality": g.info.get("quality", {}),
                 "torch_threads": __import__("torch").get_num_threads(), "load_s": round(self.load_s, 2),
                 "warmup_s": round(self.warmup_s, 2),
-                "batches_run": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+                "batching": MODE, "batches_run": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                **({"engine": self.engine.progress()} if MODE == "step" else {})}
 
 
 async def _info_route(request: Request) -> Response:
@@ -276,6 +320,8 @@ class ImageAPI:
 
         for attempt in range(2):  # generation is idempotent (seeded): one retry on a dropped connection
             try:
+                if MODE == "step":
+                    return await self.model.to_async.generate_steps(items)
                 return await self.model.to_async.generate_batch(items)
             except (aiohttp.ClientConnectionError, httpx.TransportError) as e:  # a closed kept-alive connection
                 if attempt:

@@ -104,6 +104,7 @@ class Server:
     log: Path
     key: str | None
     probes: list[tuple[float, object]]
+    mode: str = "step"  # T2I_BATCHING
 
     @property
     def auth(self) -> dict[str, str]:
@@ -175,12 +176,30 @@ def served_export(micro_model, tmp_path_factory) -> Path:
     return out
 
 
+SERVER_ARGS = ("--max-batch-size", "8", "--max-latency-ms", "60000", "--max-concurrency", "8", "--body-timeout-s", "2")
+
+
 @pytest.fixture(scope="session")
 def server(served_export, tmp_path_factory):
-    """One `t2i serve` for the server tests: API key on, limits small (8 images in flight counting two
-    per guided image, batches of 8 UNet rows, 2 s to send a body)."""
-    srv = start_server(served_export, tmp_path_factory.mktemp("serve-log") / "serve.log", "--max-batch-size", "8",
-                       "--max-latency-ms", "60000", "--max-concurrency", "8", "--body-timeout-s", "2", key=API_KEY)
+    """One `t2i serve` for the server tests, in the default batching mode (step): API key on, limits
+    small (8 images in flight counting two per guided image, 8 UNet rows per call, 2 s to send a body)."""
+    srv = start_server(served_export, tmp_path_factory.mktemp("serve-log") / "serve.log", *SERVER_ARGS, key=API_KEY)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="session", params=["step", "request", "off"])
+def mode_server(request, server, served_export, tmp_path_factory):
+    """The same server in each batching mode (T2I_BATCHING), for the tests every mode must pass."""
+    if request.param == "step":
+        server.mode = "step"
+        yield server
+        return
+    srv = start_server(served_export, tmp_path_factory.mktemp(f"serve-{request.param}") / "serve.log", *SERVER_ARGS,
+                       "--batching", request.param, key=API_KEY)
+    srv.mode = request.param
     try:
         yield srv
     finally:

@@ -167,8 +167,9 @@ class OnnxBackend:
 
     def unet(self, latents, t, text_emb):
         b = latents.shape[0]
+        ts = np.asarray(t, dtype=np.int64).reshape(-1)  # one timestep, or one per sample (step batching)
         out = self.un.run(None, {"sample": latents.numpy().astype(self.np_dtype),
-                                 "timestep": np.full((b,), int(t), dtype=np.int64),
+                                 "timestep": np.full((b,), ts[0]) if ts.size == 1 else ts,
                                  "encoder_hidden_states": text_emb.numpy().astype(self.np_dtype)})[0]
         return torch.from_numpy(out.astype(np.float32))
 
