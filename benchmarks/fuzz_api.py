@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
-import io
 import json
 import sys
 import time
@@ -24,18 +23,10 @@ from urllib.parse import urlparse
 
 import httpx
 
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))
+from benchmarks.server import valid_png  # noqa: E402
+
 CHEAP = {"num_inference_steps": 3, "num_images": 2, "n": 2}  # caps on the schema's maxima for valid bodies
-
-
-def valid_png(data: bytes) -> bool:
-    from PIL import Image
-
-    try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
-        return im.format == "PNG"
-    except Exception:  # noqa: BLE001 - anything unreadable is invalid
-        return False
 
 
 def _ok_body(path: str, resp: httpx.Response) -> bool:

@@ -23,7 +23,6 @@ import platform
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,37 +34,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fuzz_api import fuzz, valid_png  # noqa: E402
+from benchmarks.fuzz_api import fuzz  # noqa: E402
+from benchmarks.server import pct, start_server, stop_server, valid_png, write_result  # noqa: E402
 
 KEY = "bench-key"
 MAX_CONCURRENCY = 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(export_dir: str, log: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"), "T2I_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", export_dir, "--host", "127.0.0.1",
-                             "--port", str(port), "--max-batch-size", "8", "--max-concurrency", str(MAX_CONCURRENCY)],
-                            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("server not ready in 600 s")
+def start(export_dir: str, log: Path) -> tuple[subprocess.Popen, str]:
+    return start_server(export_dir, log, "--max-batch-size", "8", "--max-concurrency", str(MAX_CONCURRENCY),
+                        env={"T2I_API_KEY": KEY}, ready_s=600)
 
 
 def server_rss_mb(pid: int) -> float:
@@ -80,11 +58,6 @@ def server_rss_mb(pid: int) -> float:
         except psutil.Error:
             pass
     return round(total / 2**20, 1)
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))], 3) if xs else None
 
 
 def soak(url: str, pid: int, seconds: float, steps: int) -> dict:
@@ -251,7 +224,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M"), "max_concurrency": MAX_CONCURRENCY, "max_batch_size": 8}
     if not {"fuzz", "soak", "abandoned"} <= skip:
         log = Path(tempfile.mkdtemp(prefix="t2i-reliability-")) / "serve.log"
-        proc, url = start_server(a.export_dir, log)
+        proc, url = start(a.export_dir, log)
         try:
             if "fuzz" not in skip:
                 result["fuzz"] = fuzz(url, KEY, a.fuzz_cases, a.seed)
@@ -264,16 +237,11 @@ def main() -> None:
                 print("abandoned", json.dumps(result["abandoned"]), flush=True)
             result["server_log_tracebacks"] = log.read_text().count("Traceback")
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            stop_server(proc)
     if "crash" not in skip:
         result["crash"] = crash(a.kills, a.train_steps, 3, a.seed)
         print("crash", json.dumps({k: v for k, v in result["crash"].items() if k != "points"}), flush=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_result(result, a.out)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,19 @@ def adherence(images: np.ndarray, prompts: list[str], classifier) -> dict:
         {"n": len(hits["shape+colour"])}
 
 
+def adherence_hits(images: np.ndarray, prompts: list[str], classifier) -> np.ndarray:
+    """Per image, what ``adherence(...)["shape+colour"]`` averages: 1.0 when shape and colour are
+    right, 0.0 when not, NaN when the prompt is not scored (not one object with shape and colour)."""
+    pred = classifier.predict(torch.from_numpy(images))
+    out = np.full(len(prompts), np.nan)
+    for i, text in enumerate(prompts):
+        parsed = parse_caption(text)
+        if len(parsed["objects"]) == 1 and all(parsed["objects"][0][a] for a in ("shape", "colour")):
+            want = parsed["objects"][0]
+            out[i] = float(pred["shape"][i] == want["shape"] and pred["colour"][i] == want["colour"])
+    return out
+
+
 def inception_score(images: np.ndarray, classifier) -> dict:
     """Inception Score (Salimans et al. 2016) over the domain classifier's shape and colour heads."""
     from torchmetrics.image.inception import InceptionScore

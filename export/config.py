@@ -23,6 +23,12 @@ class ExportConfig(Strict):
     """Quality budget: FID drift from eager-fp32, in % of its FID."""
     max_adherence_drop: float = Field(2.0, ge=0)
     """Quality budget: drop of prompt adherence (shape+colour) in points."""
+    bootstrap_resamples: int = Field(400, ge=20)
+    """Paired bootstrap resamples behind the gate's 95% intervals (a variant is in budget when its
+    whole interval is)."""
+    latency_tie_pct: float = Field(5.0, ge=0)
+    """In-budget variants within this % of the fastest's latency count as tied; the most exact one
+    (smallest worst-case drift) is selected, so timing noise does not flip the choice."""
     num_images: int = Field(100, ge=4)
     """Quality prompts (images per variant)."""
     batch_sizes: list[int] = [1, 4]

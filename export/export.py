@@ -146,8 +146,9 @@ def quality(entries: dict[str, VariantEntry], images: dict[str, np.ndarray], ite
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+    from evaluation import bootstrap
     from evaluation.classifier import load_classifier
-    from evaluation.evaluate import EvalConfig, adherence, reference_images
+    from evaluation.evaluate import EvalConfig, adherence, adherence_hits, reference_images
     from evaluation.fid import fid, resolve_features
 
     kind = resolve_features(cfg.features)
@@ -159,9 +160,14 @@ def quality(entries: dict[str, VariantEntry], images: dict[str, np.ndarray], ite
     base_fid = fid(base, ref, kind, clf)
     base_adh = adherence(base, prompts, clf)["shape+colour"]
     bt = torch.from_numpy(base).permute(0, 3, 1, 2).float() / 255
+    # the gate's intervals: the same image indices resampled for the baseline and each variant
+    ref_moments = bootstrap.moments(bootstrap.features(ref, kind, clf))
+    base_feats, base_hits = bootstrap.features(base, kind, clf), adherence_hits(base, prompts, clf)
     for name, imgs in images.items():
         f = fid(imgs, ref, kind, clf)
         adh = adherence(imgs, prompts, clf)["shape+colour"]
+        ci = bootstrap.paired(base_feats, bootstrap.features(imgs, kind, clf), ref_moments, base_hits,
+                              adherence_hits(imgs, prompts, clf), resamples=cfg.bootstrap_resamples, seed=cfg.seed)
         vt = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
         psnr = [float(peak_signal_noise_ratio(vt[i:i + 1], bt[i:i + 1], data_range=1.0)) for i in range(len(vt))]
         ssim = float(structural_similarity_index_measure(vt, bt, data_range=1.0))
@@ -175,15 +181,14 @@ def quality(entries: dict[str, VariantEntry], images: dict[str, np.ndarray], ite
             ssim=round(ssim, 4), mean_abs_px_diff=round(mad, 3),
             adherence=adh, adherence_drop=round(base_adh - adh, 1),
             within_tolerance=mad <= entries[name].tolerance_px,
+            fid_drift_pct_ci=ci["fid_drift_pct_ci"], adherence_drop_ci=ci["adherence_drop_ci"],
         )
 
 
 def select(entries: dict[str, VariantEntry], cfg: ExportConfig) -> tuple[str | None, str]:
     ok = {n: e for n, e in entries.items() if e.status == "ok" and e.bench is not None and e.quality is not None}
     for e in ok.values():
-        # Drift either way is a change from the original model, so the budget bounds its size.
-        e.within_budget = (abs(e.quality.fid_drift_pct) <= cfg.max_fid_drift
-                           and e.quality.adherence_drop <= cfg.max_adherence_drop)
+        e.within_budget = in_budget(e.quality, cfg)
     if cfg.select:
         if cfg.select not in ok:
             why = entries[cfg.select].reason if cfg.select in entries else None
@@ -193,9 +198,32 @@ def select(entries: dict[str, VariantEntry], cfg: ExportConfig) -> tuple[str | N
     candidates = [n for n, e in ok.items() if e.within_budget and n in cfg.variants]
     if not candidates:
         return None, "no variant is inside the budget"
-    best = min(candidates, key=lambda n: ok[n].bench.latency[b1].median_s)
-    return best, f"fastest at batch {b1} with |FID drift| <= {cfg.max_fid_drift}% and adherence drop <= " \
-                 f"{cfg.max_adherence_drop} pts"
+    fastest = min(ok[n].bench.latency[b1].median_s for n in candidates)
+    # variants within latency_tie_pct of the fastest are a tie (timing noise): the most exact one wins,
+    # so the same model exported twice selects the same variant
+    tied = [n for n in candidates if ok[n].bench.latency[b1].median_s <= fastest * (1 + cfg.latency_tie_pct / 100)]
+    best = min(tied, key=lambda n: (_worst_drift(ok[n].quality), ok[n].bench.latency[b1].median_s))
+    return best, (f"fastest at batch {b1} (ties within {cfg.latency_tie_pct:g}% go to the most exact) with the "
+                  f"{100 * CONFIDENCE:.0f}% intervals of FID drift inside +-{cfg.max_fid_drift}% and of adherence "
+                  f"drop under {cfg.max_adherence_drop} pts")
+
+
+CONFIDENCE = 0.95
+
+
+def _worst_drift(q) -> float:
+    """The largest |FID drift| the interval allows, plus the adherence drop's upper end."""
+    lo, hi = q.fid_drift_pct_ci or [q.fid_drift_pct] * 2
+    return max(abs(lo), abs(hi)) + max(0.0, (q.adherence_drop_ci or [0, q.adherence_drop])[1])
+
+
+def in_budget(q, cfg: ExportConfig) -> bool:
+    """Inside the budget when the whole interval is: drift either way is a change from the original
+    model, so the budget bounds its size; adherence may rise freely."""
+    lo, hi = q.fid_drift_pct_ci or [q.fid_drift_pct] * 2
+    drop_hi = (q.adherence_drop_ci or [q.adherence_drop] * 2)[1]
+    return max(abs(lo), abs(hi), abs(q.fid_drift_pct)) <= cfg.max_fid_drift and \
+        max(drop_hi, q.adherence_drop) <= cfg.max_adherence_drop
 
 
 def unet_flops(model_dir: Path, batch: int = 2) -> float:
@@ -236,7 +264,8 @@ def save(state: dict, cfg: ExportConfig, entries: dict[str, VariantEntry], selec
     manifest = ExportManifest(
         model_dir=str(state["model"]), device=state["device"], created=time.strftime("%Y-%m-%d %H:%M:%S"),
         config=cfg.model_dump(mode="json"),
-        budget=Budget(max_fid_drift_pct=cfg.max_fid_drift, max_adherence_drop_pts=cfg.max_adherence_drop),
+        budget=Budget(max_fid_drift_pct=cfg.max_fid_drift, max_adherence_drop_pts=cfg.max_adherence_drop,
+                      gate_images=cfg.num_images, resamples=cfg.bootstrap_resamples, confidence=CONFIDENCE),
         plan=Plan.model_validate(cfg.model_dump(include=set(Plan.model_fields))),
         baseline=BASELINE, hardware=hw, variants=entries, selected=selected, selection_reason=reason)
     out = state["out"]

@@ -32,13 +32,19 @@ class _OmitNone(Strict):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class Budget(Strict):
+class Budget(_OmitNone):
     """The quality budget a variant must meet to be selected."""
 
     max_fid_drift_pct: float
     """Largest |FID drift| from the baseline, in % of the baseline's FID."""
     max_adherence_drop_pts: float
     """Largest drop of prompt adherence (shape and colour right, %) from the baseline, in points."""
+    gate_images: int | None = None
+    """Images (prompt, seed pairs) the gate's intervals were measured on."""
+    resamples: int | None = None
+    """Paired bootstrap resamples behind each interval."""
+    confidence: float | None = None
+    """Confidence of the intervals (0.95: the 2.5th to 97.5th percentile)."""
 
 
 class Plan(Strict):
@@ -107,7 +113,10 @@ class Bench(_OmitNone):
     latency: dict[int, Latency]
     """Per batch size (a string key in the JSON)."""
     peak_rss_mb: float
-    """Peak resident memory of the process, MiB."""
+    """Peak resident memory of the process while the variant loaded and ran, MiB (sampled every 5 ms)."""
+    variant_rss_mb: float | None = None
+    """That peak minus the process's memory before the variant loaded (its libraries imported), MiB:
+    what the variant itself needs."""
     peak_gpu_mb: float | None = None
     """Peak allocated GPU memory, MiB (cuda only)."""
     info: dict[str, Any] = {}
@@ -118,7 +127,7 @@ class Bench(_OmitNone):
     """unet_gflops_per_s over hardware.matmul_fp32_gflops."""
 
 
-class Quality(Strict):
+class Quality(_OmitNone):
     """The variant's images against references and against the baseline's images (same prompts, seeds)."""
 
     features: str
@@ -143,6 +152,12 @@ class Quality(Strict):
     """Baseline adherence minus this variant's, points."""
     within_tolerance: bool
     """mean_abs_px_diff <= tolerance_px."""
+    fid_drift_pct_ci: list[float] | None = None
+    """Paired bootstrap interval of fid_drift_pct ([low, high]; same prompts and seeds resampled for the
+    baseline and the variant). The gate needs all of it inside the FID budget."""
+    adherence_drop_ci: list[float] | None = None
+    """Paired bootstrap interval of adherence_drop ([low, high], per-image right/wrong paired). The gate
+    needs its upper end inside the adherence budget."""
 
 
 class VariantEntry(_OmitNone):

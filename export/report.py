@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
+
 from core.io import atomic_write
 from export.manifest import ExportManifest
 
@@ -29,12 +31,16 @@ def write_plot(manifest: ExportManifest, path: Path) -> None:
     front = pareto(pts)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for n, (x, y) in pts.items():
+        ci = measured[n].quality.fid_drift_pct_ci
+        if ci:
+            ax.errorbar(x, y, yerr=[[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]], c="gray", lw=1, capsize=3, zorder=2)
         ax.scatter(x, y, s=60, c="tab:green" if measured[n].within_budget else "tab:red", zorder=3,
                    marker="*" if n == manifest.selected else "o")
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if len(front) > 1:
         ax.plot([pts[n][0] for n in front], [pts[n][1] for n in front], "--", c="gray", zorder=2, label="Pareto front")
-    ax.axhline(manifest.budget.max_fid_drift_pct, c="tab:orange", lw=1, label="FID drift budget")
+    ax.axhline(manifest.budget.max_fid_drift_pct, c="tab:orange", lw=1, label="FID drift budget (95% CI inside)")
+    ax.axhline(-manifest.budget.max_fid_drift_pct, c="tab:orange", lw=1)
     ax.set_xlabel(f"latency per image at batch {b1} (ms, median)")
     ax.set_ylabel(f"FID drift vs {manifest.baseline} (%)")
     ax.set_title(f"Variants of {Path(manifest.model_dir).name} on {manifest.device}"
@@ -54,8 +60,8 @@ def bench_table(manifest: ExportManifest) -> str:
     base = manifest.variants.get(manifest.baseline)
     base_lat = base.bench.latency[b1].median_s if base and base.bench else None
     head = ("| variant | " + " | ".join(f"ms/img b{b} (p50 / p95)" for b in bs)
-            + f" | speed-up b{b1} | UNet ms/step | load s | warm-up s | peak MB | size MB | FID | drift % "
-            "| adherence | PSNR dB | SSIM | in budget |")
+            + f" | speed-up b{b1} | UNet ms/step | load s | warm-up s | peak MB (own) | size MB | FID | drift % [95% CI] "
+            "| adherence (change [95% CI]) | PSNR dB | SSIM | in budget |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     measured = manifest.measured()
     for n, e in manifest.variants.items():
@@ -67,11 +73,32 @@ def bench_table(manifest: ExportManifest) -> str:
         speed = f"{base_lat / lat[b1].median_s:.2f}x" if base_lat else "-"
         mark = " (selected)" if n == manifest.selected else ""
         lines.append(f"| {n}{mark} | " + " | ".join(cells) + f" | {speed} | {lat[b1].unet_step_ms:.1f} | "
-                     f"{bench.load_s:.1f} | {bench.warmup_s:.1f} | {bench.peak_rss_mb:.0f} | "
-                     f"{e.size_mb:.1f} | {q.fid:.2f} | {q.fid_drift_pct:+.1f} | {q.adherence:.1f} "
-                     f"({-q.adherence_drop:+.1f}) | {q.psnr_db_median:.1f} | {q.ssim:.3f} | "
+                     f"{bench.load_s:.1f} | {bench.warmup_s:.1f} | {bench.peak_rss_mb:.0f} ({bench.variant_rss_mb or 0:.0f}) | "
+                     f"{e.size_mb:.1f} | {q.fid:.2f} | {q.fid_drift_pct:+.1f}{_ci(q.fid_drift_pct_ci)} | {q.adherence:.1f} "
+                     f"({-q.adherence_drop:+.1f}{_ci(q.adherence_drop_ci, -1)}) | {q.psnr_db_median:.1f} | {q.ssim:.3f} | "
                      f"{'yes' if e.within_budget else 'no'} |")
     return "\n".join(lines)
+
+
+def _ci(ci: list[float] | None, sign: int = 1) -> str:
+    if not ci:
+        return ""
+    lo, hi = sorted(sign * v for v in ci)
+    return f" [{lo:+.1f}, {hi:+.1f}]"
+
+
+def resolution(manifest: ExportManifest) -> str:
+    """What the gate can resolve: the median half-width of the variants' intervals."""
+    qs = [e.quality for n, e in manifest.measured().items() if n != manifest.baseline and e.quality.adherence_drop_ci]
+    if not qs:
+        return ""
+    half = lambda ci: (ci[1] - ci[0]) / 2  # noqa: E731
+    b = manifest.budget
+    return (f"Gate: {b.gate_images} images, {b.resamples} paired bootstrap resamples, {100 * (b.confidence or 0):.0f}% "
+            f"intervals; a variant is in budget when its whole interval is. With these images the intervals are "
+            f"+-{np.median([half(q.adherence_drop_ci) for q in qs]):.1f} adherence points and "
+            f"+-{np.median([half(q.fid_drift_pct_ci) for q in qs]):.1f}% FID drift wide (median): smaller "
+            "differences are not resolved.\n\n")
 
 
 def write_bench_md(manifest: ExportManifest, path: Path) -> None:
@@ -83,7 +110,7 @@ def write_bench_md(manifest: ExportManifest, path: Path) -> None:
             f"{plan.num_images} quality images; FID features: {features}.\n"
             f"Budget: FID drift <= {budget.max_fid_drift_pct}%, adherence drop <= "
             f"{budget.max_adherence_drop_pts} pts. Selected: **{manifest.selected}** "
-            f"({manifest.selection_reason}).\n\n" + bench_table(manifest) + "\n\n"
+            f"({manifest.selection_reason}).\n\n" + resolution(manifest) + bench_table(manifest) + "\n\n"
             f"UNet: {hw.unet_gflop_per_step_b1} GFLOP per guided step at batch 1; measured fp32 "
             f"matmul peak {hw.matmul_fp32_gflops} GFLOP/s. Achieved UNet GFLOP/s per variant: "
             + ", ".join(f"{n} {e.bench.unet_gflops_per_s}" for n, e in measured.items()) + ".\n\n"

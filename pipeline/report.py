@@ -73,7 +73,7 @@ def _eval_rows(cmp: dict) -> list[list[str]]:
 
 def write_report(out: Path, cfg, state: dict) -> None:
     from export.manifest import read_manifest
-    from export.report import bench_table
+    from export.report import bench_table, resolution
 
     out = Path(out)
     assets = out / "report"
@@ -117,7 +117,8 @@ def write_report(out: Path, cfg, state: dict) -> None:
             md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
             md += ["", f"Adherence = shape and colour both right (domain classifier), %. FID features: {cmp['features']}.", ""]
         if section == "Export" and manifest:
-            md += [bench_table(manifest), "", f"Selected: **{manifest.selected}** ({manifest.selection_reason})", ""]
+            md += [resolution(manifest) + bench_table(manifest), "",
+                   f"Selected: **{manifest.selected}** ({manifest.selection_reason})", ""]
         md += [f"![{cap}](report/{f})\n\n*{cap}*\n" for s, f, cap in images if s == section]
     md += ["## Serving", "", "```", *serve, "```", "", "## Config", "", "```yaml", config_yaml, "```", ""]
     _atomic_write(out / "report.md", "\n".join(md))
@@ -149,7 +150,7 @@ def write_report(out: Path, cfg, state: dict) -> None:
         if section == "Export" and manifest:
             parts.append(_md_table_to_html(bench_table(manifest)))
             parts.append(f"<p>Selected: <b>{html.escape(str(manifest.selected))}</b> "
-                         f"({html.escape(manifest.selection_reason)})</p>")
+                         f"({html.escape(manifest.selection_reason)})</p><p>{html.escape(resolution(manifest))}</p>")
         parts += [img(f, cap) for s, f, cap in images if s == section]
     parts += ["<h2>Serving</h2>", f"<pre>{html.escape(chr(10).join(serve))}</pre>",
               "<h2>Config</h2>", f"<pre>{html.escape(config_yaml)}</pre>"]

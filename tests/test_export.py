@@ -2,6 +2,7 @@
 manifest, the selection and bad input."""
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -238,3 +239,19 @@ def test_a_hung_benchmark_is_stopped_at_its_timeout(micro_model, tmp_path):
                   "--num-images", "4", "--repeats", "1", "--batch-sizes", "1", "--steps", "2", "--bench-timeout-s", "0.5")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "benchmark did not finish within bench_timeout_s=0.5 s" in res.stderr
+
+
+def test_memory_is_measured_per_variant(exported):
+    """Each variant's own memory is sampled while it loads and runs (ru_maxrss gave every variant the
+    same number: the libraries' import peak), and a large allocation shows up in it."""
+    from export.bench_worker import RssSampler
+
+    sampler = RssSampler()
+    big = np.ones((64, 2**20), dtype=np.float32)  # 256 MiB
+    time.sleep(0.05)
+    peak, own = sampler.stop()
+    assert own >= 250 and peak >= own, (peak, own)
+    del big
+    _, manifest = exported
+    own = {n: manifest.variants[n].bench.variant_rss_mb for n in CPU_VARIANTS}
+    assert all(v is not None and v > 0 for v in own.values()) and len(set(own.values())) > 1, own

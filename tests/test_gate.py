@@ -1,0 +1,89 @@
+"""The export gate's paired bootstrap (evaluation.bootstrap) and the selection built on it."""
+import numpy as np
+import pytest
+
+from evaluation import bootstrap
+
+
+def test_frechet_matches_torchmetrics():
+    import torch
+    from torchmetrics.image.fid import _compute_fid
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 8)), rng.normal(0.3, 1.2, size=(150, 8))
+    ours = bootstrap.frechet(*bootstrap.moments(a), *bootstrap.moments(b))
+    mu1, c1 = bootstrap.moments(a)
+    mu2, c2 = bootstrap.moments(b)
+    ref = float(_compute_fid(torch.from_numpy(mu1), torch.from_numpy(c1), torch.from_numpy(mu2), torch.from_numpy(c2)))
+    assert ours == pytest.approx(ref, rel=1e-6)
+
+
+def test_adherence_interval_covers_the_true_drop():
+    """Paired right/wrong outcomes with a known drop of 10 points: the 95% interval covers it in
+    about 95% of repeated experiments (>= 88% of 100 here), and an identical variant gets [0, 0]."""
+    rng = np.random.default_rng(1)
+    ref = (np.zeros(4), np.eye(4))
+    covered = 0
+    for trial in range(100):
+        n = 200
+        base = (rng.random(n) < 0.9).astype(float)
+        # the variant loses each right image with probability 1/9: 10 points in expectation
+        var = base * (rng.random(n) >= 1 / 9)
+        feats = rng.normal(size=(n, 4))
+        ci = bootstrap.paired(feats, feats, ref, base, var, resamples=200, seed=trial)["adherence_drop_ci"]
+        covered += ci[0] <= 10.0 <= ci[1]
+    assert covered >= 88, covered
+    same = bootstrap.paired(feats, feats, ref, base, base, resamples=50)
+    assert same["adherence_drop_ci"] == [0.0, 0.0] and same["fid_drift_pct_ci"] == [0.0, 0.0]
+
+
+def test_fid_interval_separates_a_shift_from_noise():
+    """A variant whose features are the baseline's plus a shift gets an interval away from 0; one with
+    the baseline's features plus tiny noise gets a narrow interval around 0."""
+    rng = np.random.default_rng(2)
+    ref_feats = rng.normal(size=(2000, 6))
+    ref = bootstrap.moments(ref_feats)
+    base = rng.normal(0.5, 1.0, size=(64, 6))
+    hits = np.ones(64)
+    shifted = bootstrap.paired(base, base + 0.5, ref, hits, hits, resamples=200)["fid_drift_pct_ci"]
+    noisy = bootstrap.paired(base, base + rng.normal(0, 0.01, base.shape), ref, hits, hits, resamples=200)
+    assert shifted[0] > 20, shifted
+    lo, hi = noisy["fid_drift_pct_ci"]
+    assert lo < 0.5 and hi > -0.5 and hi - lo < 5, (lo, hi)
+
+
+def test_unscored_prompts_are_left_out_and_lengths_must_match():
+    ref = (np.zeros(2), np.eye(2))
+    f = np.random.default_rng(3).normal(size=(10, 2))
+    base = np.array([1, 1, 1, 1, 1, np.nan, np.nan, 1, 1, 1])
+    var = np.array([1, 1, 1, 1, 0, 0, 0, 1, 1, 1], dtype=float)
+    ci = bootstrap.paired(f, f, ref, base, np.where(np.isnan(base), np.nan, var), resamples=100)["adherence_drop_ci"]
+    assert 0 <= ci[0] <= ci[1] <= 50
+    with pytest.raises(ValueError, match="same images"):
+        bootstrap.paired(f, f[:5], ref, base, base)
+
+
+def test_selection_needs_the_whole_interval_and_breaks_latency_ties_by_exactness():
+    from export.config import ExportConfig
+    from export.export import in_budget, select
+    from export.manifest import Bench, Latency, Quality, VariantEntry
+
+    def entry(ms: float, drift: float, ci: list[float], drop: float = 0.0, drop_ci=(0.0, 0.0)) -> VariantEntry:
+        q = Quality(features="domain", fid=10, fid_drift=drift / 10, fid_drift_pct=drift, fid_vs_baseline=0,
+                    psnr_db_median=40, ssim=0.99, mean_abs_px_diff=0.1, adherence=90, adherence_drop=drop,
+                    within_tolerance=True, fid_drift_pct_ci=ci, adherence_drop_ci=list(drop_ci))
+        b = Bench(load_s=1, warmup_s=1, latency={1: Latency(median_s=ms / 1000, p95_s=ms / 1000, unet_step_ms=1)},
+                  peak_rss_mb=100)
+        return VariantEntry(status="ok", dir="x", bench=b, quality=q, tolerance_px=1.0)
+
+    cfg = ExportConfig(model="m", out="o", variants=["eager-fp32", "a", "b", "c", "d"], batch_sizes=[1])
+    entries = {"eager-fp32": entry(500, 0, [0, 0]),
+               "a": entry(200, 1.0, [-2.0, 6.0]),  # point inside 5%, interval not: out
+               "b": entry(300, 0.5, [-1.0, 2.0], drop=1.0, drop_ci=(-1.0, 3.0)),  # adherence interval out
+               "c": entry(310, 0.3, [-1.0, 1.5]),  # in
+               "d": entry(305, 1.0, [-1.0, 4.0])}  # in, within 5% of c and faster, but less exact
+    assert [in_budget(e.quality, cfg) for e in entries.values()] == [True, False, False, True, True]
+    name, why = select(entries, cfg)
+    assert name == "c" and "interval" in why
+    cfg0 = ExportConfig(model="m", out="o", variants=list(entries), batch_sizes=[1], latency_tie_pct=0)
+    assert select(entries, cfg0)[0] == "d"
