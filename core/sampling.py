@@ -82,6 +82,18 @@ class Generator:
     def tokens_truncated(self, prompt: str) -> bool:
         return len(self.tokenizer(prompt).input_ids) > self.tokenizer.model_max_length
 
+    def noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        """Initial latents, one seeded draw per image (the same image whatever it is batched with)."""
+        shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    @torch.no_grad()
+    def to_images(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """Decodes latents into uint8 HWC arrays."""
+        images = self.backend.decode(latents / self.scaling_factor).float()
+        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return list(images.permute(0, 2, 3, 1).numpy())
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -131,8 +143,7 @@ class Generator:
             return None
         # [uncond..., cond...] as diffusers orders them; unguided images have no uncond row
         emb = self.encode([negatives[i] for i in guided] + prompts)
-        shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
-        latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        latents = self.noise(seeds, height, width)
         sched = self.new_scheduler()
         sched.set_timesteps(steps)
         latents = latents * sched.init_noise_sigma
@@ -150,9 +161,7 @@ class Generator:
                 cond = cond.clone()
                 cond[guided] = uncond + g * (cond[guided] - uncond)
             latents = sched.step(cond, t, latents, return_dict=False)[0]
-        images = self.backend.decode(latents / self.scaling_factor).float()
-        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        return list(images.permute(0, 2, 3, 1).numpy())
+        return self.to_images(latents)
 
 
 class TorchBackend:

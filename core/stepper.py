@@ -185,10 +185,8 @@ class StepEngine:
         for s in slots:
             r = s.req
             s.emb, k = emb[k:k + s.rows], k + s.rows
-            h, w = (r.height or gen.native_size) // gen.vae_scale, (r.width or gen.native_size) // gen.vae_scale
-            s.latents = torch.cat([torch.randn((1, gen.latent_channels, h, w),
-                                               generator=torch.Generator().manual_seed(r.seed + j))
-                                   for j in range(r.num_images)])
+            s.latents = gen.noise([r.seed + j for j in range(r.num_images)], r.height or gen.native_size,
+                                  r.width or gen.native_size)
             s.sched = gen.new_scheduler()
             s.sched.set_timesteps(r.num_inference_steps)
             s.timesteps = list(s.sched.timesteps)
@@ -267,12 +265,11 @@ class StepEngine:
         for s in done:
             by_size.setdefault(s.size, []).append(s)
         for group in by_size.values():
-            images = self.gen.backend.decode(torch.cat([s.latents for s in group]) / self.gen.scaling_factor).float()
-            images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            images = self.gen.to_images(torch.cat([s.latents for s in group]))
             k = 0
             for s in group:
                 n = s.req.num_images
-                s.future.set_result(StepResult(list(np.ascontiguousarray(images[k:k + n])), s.peak_rows,
+                s.future.set_result(StepResult(images[k:k + n], s.peak_rows,
                                                s.started - s.enqueued, time.perf_counter() - s.started))
                 k += n
         self.stats["finished"] += len(done)

@@ -146,8 +146,7 @@ class ImageModel:
             images = self.gen.generate(reqs, cancelled=lambda r: r.request_id in self._cancelled)
             compute_ms = round(1000 * (time.perf_counter() - t0), 1)
         for i, r, ims in zip(where, reqs, images):
-            out[i] = ({"image": base64.b64encode(_png(ims[0])).decode(), **self._truncation(r.prompt),
-                       "batch_size": rows, "compute_ms": compute_ms} if ims else {"cancelled": True})
+            out[i] = self._answer(ims[0], r.prompt, rows, compute_ms) if ims else {"cancelled": True}
         return out
 
     @bentoml.api
@@ -179,9 +178,8 @@ class ImageModel:
                 out[i] = {"cancelled": True}
                 continue
             self.batch_sizes[res.peak_rows] += 1
-            out[i] = {"image": base64.b64encode(_png(res.images[0])).decode(), **self._truncation(items[i]["prompt"]),
-                      "batch_size": res.peak_rows, "compute_ms": round(1000 * res.run_s, 1),
-                      "queue_ms": round(1000 * res.queue_s, 1)}
+            out[i] = self._answer(res.images[0], items[i]["prompt"], res.peak_rows, round(1000 * res.run_s, 1),
+                                  queue_ms=round(1000 * res.queue_s, 1))
         return out
 
     @bentoml.api
@@ -192,6 +190,11 @@ class ImageModel:
         self._cancelled = {k: t for k, t in self._cancelled.items() if now - t < CANCEL_MEMORY_S}
         self._cancelled.update(dict.fromkeys(request_ids, now))
         return len(self._cancelled)
+
+    def _answer(self, image, prompt: str, rows: int, compute_ms: float, **extra) -> dict:
+        """One item's result: the PNG (base64), the prompt's truncation, the UNet rows and compute time."""
+        return {"image": base64.b64encode(_png(image)).decode(), **self._truncation(prompt), "batch_size": rows,
+                "compute_ms": compute_ms, **extra}
 
     def _truncation(self, prompt: str) -> dict:
         """Whether the prompt was cut to the tokenizer's length, and what the model read if so."""
