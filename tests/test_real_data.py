@@ -106,3 +106,29 @@ def test_training_reports_the_fit_and_can_refuse_a_poor_one(micro_model, tmp_pat
     run = Run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_poor_fit": "warn"})}))
     assert run.fit["images"] == 8 and run.fit["psnr_db"] < 99
     assert run.data_summary["images"] == 8 and run.data_summary["unique_captions"] == 8
+
+
+def test_autoencoder_run_continues_exactly_after_an_interruption(micro_model, tmp_path):
+    """A stopped ``t2i train-autoencoder`` run picks up from OUT/resume and ends with the same weights
+    as one that ran through; other settings are refused rather than mixed in."""
+    from safetensors.torch import load_file
+
+    from training.autoencoder import main
+    from training.checkpoints import _load_state
+    from training.config import AutoencoderConfig
+
+    def cfg(out, **kw):
+        return AutoencoderConfig(base=str(micro_model), output_dir=str(out), steps=4, batch_size=4,
+                                 eval_every=2, held_out=["skimage:coffee"], **kw)
+
+    main(cfg(tmp_path / "through"))
+    main(cfg(tmp_path / "stopped"), stop_at=3)
+    assert _load_state(tmp_path / "stopped/resume/state.safetensors")["step"] == 3
+    main(cfg(tmp_path / "stopped"))
+    a = load_file(tmp_path / "through/resume/vae.safetensors")
+    b = load_file(tmp_path / "stopped/resume/vae.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "stopped/metrics.jsonl")]
+    assert steps == [0, 2, 4]
+    with pytest.raises(UserError, match="learning_rate"):
+        main(cfg(tmp_path / "stopped", learning_rate=1e-3))

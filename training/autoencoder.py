@@ -6,7 +6,9 @@ jitter, grayscale), procedural textures and the synthetic world, with a latent a
 synthetic images (``AutoencoderConfig.anchor_weight``): the encoder keeps the old latents of the
 world and the decoder keeps decoding them, so the base UNet, trained on those latents, stays
 valid. Whole photos are held out for the PSNR figure. Writes OUT/vae (the best held-out
-checkpoint) and OUT/metrics.jsonl.
+checkpoint), OUT/metrics.jsonl and, at every evaluation, OUT/resume/ (weights, optimizer, schedule
+and sampling state as safetensors + JSON): a run that is stopped continues from there when started
+again with the same config.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from core.errors import UserError
-from core.io import replace_dir
+from core.io import replace_dir, write_safetensors
 from training.config import AutoencoderConfig
 from training.photos import packaged_photos, random_crop, texture
 
@@ -79,8 +81,13 @@ def evaluate(vae, old, sets: dict) -> dict:
     return out
 
 
-def main(cfg: AutoencoderConfig) -> dict:
-    """Trains; returns the best evaluation (by held-out photo PSNR)."""
+RESUME_EVERY = 50
+"""Steps between writes of OUT/resume (and at every evaluation)."""
+
+
+def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
+    """Trains; returns the best evaluation (by held-out photo PSNR). ``stop_at`` ends the run after
+    that step as an interrupted run would end (OUT/resume written); the next call continues it."""
     from diffusers import AutoencoderKL
 
     vae_dir = Path(cfg.base) / "vae"
@@ -106,13 +113,21 @@ def main(cfg: AutoencoderConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     rng = random.Random(cfg.seed)
-    best = {"step": 0, **evaluate(vae, old, sets)}
-    log = open(out / "metrics.jsonl", "w")
-    log.write(json.dumps(best) + "\n")
+    start, best = _resume(out / "resume", cfg, vae, opt, sched, rng)
+    if start == 0:
+        best = {"step": 0, **evaluate(vae, old, sets)}
+        _write_metrics(out / "metrics.jsonl", [best])
+    else:
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").is_file() else []
+        _write_metrics(out / "metrics.jsonl", [r for r in rows if r["step"] <= start])
+        print(f"continuing from step {start} (OUT/resume); best so far: step {best['step']}, "
+              f"{best['psnr_photos']} dB on the held-out photos")
     n_syn = int(round(cfg.batch_size * cfg.synthetic_fraction))
     n_tex = int(round(cfg.batch_size * cfg.texture_fraction))
     t0 = time.time()
-    bar = tqdm(range(1, cfg.steps + 1), desc="training the autoencoder", unit="step", dynamic_ncols=True)
+    vae.train()  # (from_pretrained leaves it in eval mode, whose attention kernel differs in the last bits)
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc="training the autoencoder", unit="step", dynamic_ncols=True,
+               initial=start, total=cfg.steps)
     for step in bar:
         nat = [random_crop(rng, sources[rng.choice(train_src)], size) for _ in range(cfg.batch_size - n_syn - n_tex)]
         x = _to_x(nat + [texture(rng, size) for _ in range(n_tex)] + [_synthetic(rng, size) for _ in range(n_syn)])
@@ -135,13 +150,57 @@ def main(cfg: AutoencoderConfig) -> dict:
         bar.set_postfix(loss=f"{loss.item():.4f}", best_psnr=best["psnr_photos"])
         if step % cfg.eval_every == 0 or step == cfg.steps:
             m = {"step": step, "wall_s": round(time.time() - t0, 1), **evaluate(vae, old, sets)}
-            log.write(json.dumps(m) + "\n")
-            log.flush()
             if m["psnr_photos"] > best["psnr_photos"] or best["step"] == 0:
                 best = m
                 tmp = out / "vae.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 vae.save_pretrained(tmp, safe_serialization=True)
                 replace_dir(tmp, out / "vae")
-    log.close()
+            _write_metrics(out / "metrics.jsonl", [m], append=True)
+        if step % cfg.eval_every == 0 or step % RESUME_EVERY == 0 or step == stop_at:
+            _save_resume(out / "resume", cfg, step, best, vae, opt, sched, rng)
+        if step == stop_at:
+            break
     return best
+
+
+def _write_metrics(path: Path, rows: list[dict], append: bool = False) -> None:
+    with open(path, "a" if append else "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _save_resume(path: Path, cfg: AutoencoderConfig, step: int, best: dict, vae, opt, sched, rng) -> None:
+    """Everything the loop needs to continue exactly, as data, replaced atomically."""
+    from training.checkpoints import _save_state
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_safetensors(tmp / "vae.safetensors", {k: v.detach().contiguous() for k, v in vae.state_dict().items()})
+    _save_state(tmp / "state.safetensors", {
+        "step": step, "best": best, "config": cfg.model_dump(mode="json"), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state()})
+    replace_dir(tmp, path)
+
+
+def _resume(path: Path, cfg: AutoencoderConfig, vae, opt, sched, rng) -> tuple[int, dict | None]:
+    """(step, best) restored from OUT/resume, or (0, None) when there is none."""
+    if not (path / "state.safetensors").is_file():
+        return 0, None
+    from training.checkpoints import _load_state
+    from core.io import read_safetensors
+
+    state = _load_state(path / "state.safetensors")
+    same = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "eval_every"}
+    was = {k: v for k, v in state["config"].items() if k != "eval_every"}
+    if same != was:
+        diff = sorted(k for k in same.keys() | was.keys() if same.get(k) != was.get(k))
+        raise UserError(f"{path} was written by a run with other settings ({', '.join(diff)}); "
+                        f"use the same config to continue it, or delete {path} (or set output_dir) to start over")
+    vae.load_state_dict(read_safetensors(path / "vae.safetensors")[0])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), state["best"]
