@@ -144,3 +144,10 @@ def standardize_text_encoder(folder: Path) -> None:
     config.pop("torch_dtype", None)
     config["dtype"] = RUN_DTYPE
     write_json(folder / "config.json", config)
+
+
+def default_device() -> str:
+    """cuda where available, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

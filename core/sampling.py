@@ -4,8 +4,10 @@ variant and the server all draw through it.
 
 Export variants differ only in their ``Backend`` (how the text encoder, UNet and VAE decoder run: eager,
 quantized, compiled, ONNX Runtime); the scheduler, step count and noise are the model's own, so a
-variant is the same model made faster, never a cheaper sampling recipe. With one request the loop
-reproduces diffusers' ``StableDiffusionPipeline`` (a test pins it).
+exact variant is the same model made faster. Approximate variants (``export.variants.approx``) compute
+less per step and are gated by measured quality: ``Generator.guidance_truncation`` (the last fraction
+of the steps without the unconditional pass) here, feature caching in the backend. With one request
+and no approximation the loop reproduces diffusers' ``StableDiffusionPipeline`` (a test pins it).
 """
 from __future__ import annotations
 
@@ -65,6 +67,12 @@ class Generator:
         self.info = info or {}
         self.unet_time_s = 0.0  # accumulated, for the benchmark's UNet time per step
         self.unet_calls = 0
+        self.guidance_truncation = 0.0  # the last fraction of the steps runs without the unconditional pass
+        self.cache_interval = 1  # >1: the whole UNet every N-th step, its shallow path between (backend.unet_cached)
+
+    def guided_steps(self, steps: int) -> int:
+        """How many of ``steps`` apply classifier-free guidance (all of them without truncation)."""
+        return steps - int(round(steps * self.guidance_truncation))
 
     def new_scheduler(self):
         import diffusers
@@ -91,6 +99,9 @@ class Generator:
     def to_images(self, latents: torch.Tensor) -> list[np.ndarray]:
         """Decodes latents into uint8 HWC arrays."""
         images = self.backend.decode(latents / self.scaling_factor).float()
+        if not torch.isfinite(images).all():  # black or garbage pixels would otherwise pass as an image
+            raise FloatingPointError("the VAE decoder returned NaN/inf (an fp16 overflow?): use an fp32 or bf16 "
+                                     "variant, or a VAE with force_upcast in its config")
         images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return list(images.permute(0, 2, 3, 1).numpy())
 
@@ -148,12 +159,20 @@ class Generator:
         sched.set_timesteps(steps)
         latents = latents * sched.init_noise_sigma
         g = torch.tensor([scales[i] for i in guided], dtype=torch.float32).view(k, 1, 1, 1)
-        for t in sched.timesteps:
+        n_guided = self.guided_steps(len(sched.timesteps))
+        deep = None  # the deep features kept by the last whole-UNet step (cache_interval > 1)
+        for i, t in enumerate(sched.timesteps):
             if stop():
                 return None
+            if i == n_guided and k:  # guidance truncated: the conditional rows alone from here on
+                emb, guided, k, deep = emb[k:], [], 0, None
             model_in = sched.scale_model_input(torch.cat([latents[guided], latents]), t)
             t0 = time.perf_counter()
-            noise = self.backend.unet(model_in, t, emb).float()
+            if self.cache_interval > 1:
+                noise, deep = self.backend.unet_cached(model_in, t, emb, None if i % self.cache_interval == 0 else deep)
+                noise = noise.float()
+            else:
+                noise = self.backend.unet(model_in, t, emb).float()
             self.unet_time_s += time.perf_counter() - t0
             self.unet_calls += 1
             uncond, cond = noise[:k], noise[k:]
@@ -170,6 +189,11 @@ class TorchBackend:
     def __init__(self, text_encoder, unet, vae, dtype=torch.float32, device="cpu"):
         self.text_encoder, self.unet_model, self.vae = text_encoder, unet, vae
         self.dtype, self.device = dtype, torch.device(device)
+        self.vae_dtype = dtype
+        if self.device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (TF32), as SD pipelines run
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            self.vae, self.vae_dtype = vae.float(), torch.float32  # as diffusers does: fp16 VAE decodes overflow
 
     def encode_text(self, input_ids):
         return self.text_encoder(input_ids.to(self.device), return_dict=False)[0]
@@ -179,7 +203,7 @@ class TorchBackend:
                                text_emb.to(self.device, self.dtype), return_dict=False)[0].cpu()
 
     def decode(self, latents):
-        return self.vae.decode(latents.to(self.device, self.dtype), return_dict=False)[0].cpu()
+        return self.vae.decode(latents.to(self.device, self.vae_dtype), return_dict=False)[0].cpu()
 
 
 def generator_from_parts(text_encoder, unet, vae, tokenizer, scheduler_config: dict, dtype=None, device="cpu",

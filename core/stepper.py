@@ -64,6 +64,8 @@ class _Slot:
     emb: torch.Tensor | None = None  # [uncond rows (guided only)..., cond rows]
     sched: object = None
     timesteps: list = field(default_factory=list)
+    guided_steps: int = 0  # steps with classifier-free guidance (fewer with Generator.guidance_truncation)
+    deep: torch.Tensor | None = None  # features kept by its last whole-UNet step (Generator.cache_interval > 1)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -72,6 +74,11 @@ class _Slot:
     @property
     def guided(self) -> bool:
         return self.req.guidance_scale > 1.0
+
+    @property
+    def guided_now(self) -> bool:
+        """This step runs the unconditional rows too."""
+        return self.guided and self.step < self.guided_steps
 
 
 class StepEngine:
@@ -191,6 +198,7 @@ class StepEngine:
             s.sched.set_timesteps(r.num_inference_steps)
             s.timesteps = list(s.sched.timesteps)
             s.steps = len(s.timesteps)
+            s.guided_steps = gen.guided_steps(s.steps)
             s.latents = s.latents * s.sched.init_noise_sigma
         with self._cv:
             self._running += slots
@@ -207,25 +215,37 @@ class StepEngine:
 
     @torch.no_grad()
     def _step(self) -> None:
-        """One UNet call per image size over every running request's current step."""
+        """One UNet call per image size over every running request's current step (with feature
+        caching, one for the requests at a whole-UNet step and one for those on their kept features)."""
         by_size: dict[tuple, list[_Slot]] = {}
+        interval = self.gen.cache_interval
         for s in self._running:
-            by_size.setdefault(s.size, []).append(s)
-        for group in by_size.values():
+            rows_now = len(s.latents) * (2 if s.guided_now else 1)
+            shallow = (interval > 1 and s.step % interval != 0 and s.deep is not None
+                       and s.deep.shape[0] == rows_now)
+            by_size.setdefault((s.size, shallow), []).append(s)
+        for (_, shallow), group in by_size.items():
             ins, ts, embs = [], [], []
             for s in group:
                 t = s.timesteps[s.step]
-                lat = torch.cat([s.latents, s.latents]) if s.guided else s.latents
+                lat = torch.cat([s.latents, s.latents]) if s.guided_now else s.latents
                 ins.append(s.sched.scale_model_input(lat, t))
                 ts.append(torch.full((lat.shape[0],), int(t), dtype=torch.long))
-                embs.append(s.emb)
+                embs.append(s.emb if s.guided_now or not s.guided else s.emb[len(s.latents):])
             x, t_rows, emb = torch.cat(ins), torch.cat(ts), torch.cat(embs)
             rows = x.shape[0]
             pad = self._bucket(rows) - rows
             if pad:  # repeat the last row: a compiled UNet sees only the bucket's shapes
                 x, t_rows, emb = (torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for v in (x, t_rows, emb))
             t0 = time.perf_counter()
-            noise = self.gen.backend.unet(x, t_rows, emb).float()[:rows]
+            if interval > 1:
+                deep = torch.cat([s.deep for s in group]) if shallow else None
+                if shallow and pad:
+                    deep = torch.cat([deep, deep[-1:].expand(pad, *deep.shape[1:])])
+                noise, deep = self.gen.backend.unet_cached(x, t_rows, emb, deep)
+                noise = noise.float()[:rows]
+            else:
+                noise = self.gen.backend.unet(x, t_rows, emb).float()[:rows]
             dt = time.perf_counter() - t0
             self.gen.unet_time_s += dt
             self.gen.unet_calls += 1
@@ -235,10 +255,12 @@ class StepEngine:
             self.observer.step(rows, len(group), dt)
             k = 0
             for s in group:
-                n = s.rows
+                n = len(s.latents) * (2 if s.guided_now else 1)
                 out = noise[k:k + n]
+                if interval > 1 and not shallow:
+                    s.deep = deep[k:k + n]
                 k += n
-                if s.guided:
+                if s.guided_now:
                     uncond, cond = out.chunk(2)
                     g = torch.tensor(s.req.guidance_scale, dtype=torch.float32)
                     out = uncond + g * (cond - uncond)

@@ -34,6 +34,8 @@ class EvalConfig(Strict):
     closer to exact, so a change in FID comes from the generated images."""
     batch_size: int = Field(32, ge=1)
     """Images per sampling call."""
+    device: Literal["cpu", "cuda"] | None = None
+    """Where the images are sampled (default: cuda where available)."""
     clip_model: str | None = None
     """Local CLIP model dir for CLIP score (skipped with a note when absent)."""
 

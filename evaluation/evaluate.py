@@ -192,7 +192,9 @@ def generate_images(model: str, items: list[dict], cfg: EvalConfig, desc: str = 
 
     if cfg.scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {cfg.scheduler!r}; choose from {sorted(SCHEDULERS)}")
-    gen = load_generator(model, cfg.scheduler)
+    from core.models import default_device
+
+    gen = load_generator(model, cfg.scheduler, device=cfg.device or default_device())
     out = []
     for i in tqdm(range(0, len(items), cfg.batch_size), desc=desc, unit="batch", leave=False):
         chunk = items[i:i + cfg.batch_size]

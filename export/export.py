@@ -58,6 +58,10 @@ def setup(cfg: ExportConfig) -> dict:
         raise UserError(f"--select {cfg.select} is not among the variants built: {cfg.variants}")
     if any(b < 1 for b in cfg.batch_sizes):
         raise UserError("batch sizes must be positive")
+    from evaluation.fid import make_metric, resolve_features
+
+    if resolve_features(cfg.features) == "inception":
+        make_metric("inception")  # missing torch-fidelity or weights fail here, before any variant is built
     device = cfg.device or default_device()
     if device not in ("cpu", "cuda"):
         raise UserError(f"device {device} must be cpu or cuda")
@@ -65,6 +69,7 @@ def setup(cfg: ExportConfig) -> dict:
     if out.exists() and not (out / "export.json").exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not an export dir; choose another --out")
     names = [BASELINE] + [n for n in cfg.variants if n != BASELINE]
+    names.sort(key=lambda n: "+" in n)  # approximate variants after the exact ones they build on
     return {"model": Path(path), "out": out, "device": device, "names": names}
 
 
@@ -74,7 +79,7 @@ def build_variants(state: dict, cfg: ExportConfig) -> dict[str, VariantEntry]:
     from export.variants import get
 
     entries: dict[str, VariantEntry] = {}
-    ctx = {"batch_sizes": cfg.batch_sizes}
+    ctx = {"batch_sizes": cfg.batch_sizes, "built": {}, "notes": {}}  # approximate variants reuse a built base
     for name in tqdm(state["names"], desc="building variants", unit="variant"):
         variant = get(name)
         reason = variant.unsupported(state["device"])
@@ -92,6 +97,7 @@ def build_variants(state: dict, cfg: ExportConfig) -> dict[str, VariantEntry]:
         except Exception as e:  # a backend that breaks on this model/hardware: report, don't crash
             entries[name] = VariantEntry(status="failed", reason=f"{type(e).__name__}: {str(e)[:300]}")
             continue
+        ctx["built"][name], ctx["notes"][name] = final, notes
         entries[name] = VariantEntry(
             status="ok", dir=name, build_s=round(time.perf_counter() - t0, 1), size_mb=dir_size_mb(final),
             tolerance_px=variant.TOLERANCE, notes=notes,
@@ -195,7 +201,8 @@ def select(entries: dict[str, VariantEntry], cfg: ExportConfig) -> tuple[str | N
             raise UserError(f"--select {cfg.select}: that variant did not build/benchmark ({why or 'not built'})")
         return cfg.select, "chosen with --select"
     b1 = min(cfg.batch_sizes)
-    candidates = [n for n, e in ok.items() if e.within_budget and n in cfg.variants]
+    # in budget, and (exact variants) no further from the baseline's pixels than its backend may be
+    candidates = [n for n, e in ok.items() if e.within_budget and e.quality.within_tolerance and n in cfg.variants]
     if not candidates:
         return None, "no variant is inside the budget"
     fastest = min(ok[n].bench.latency[b1].median_s for n in candidates)
@@ -242,16 +249,20 @@ def unet_flops(model_dir: Path, batch: int = 2) -> float:
     return float(fc.get_total_flops())
 
 
-def matmul_peak_gflops(n: int = 1024, dtype=None) -> float:
+def matmul_peak_gflops(n: int = 1024, dtype=None, device: str = "cpu") -> float:
+    """fp32 (or ``dtype``) matmul throughput on ``device``: the yardstick of each variant's UNet GFLOP/s."""
     import torch
 
     dtype = dtype or torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b
+    sync()
     t0 = time.perf_counter()
-    reps = 10
+    reps = 10 if device == "cpu" else 100
     for _ in range(reps):
         a @ b
+    sync()
     return round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9, 1)
 
 
@@ -286,7 +297,7 @@ def main(cfg: ExportConfig) -> ExportManifest:
         raise UserError(f"the baseline {BASELINE} failed: {entries[BASELINE].reason}")
     quality(entries, images, items, cfg)
     flops = unet_flops(state["model"])
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(device=state["device"])
     for e in entries.values():
         if e.status == "ok":
             ms = e.bench.latency[min(cfg.batch_sizes)].unet_step_ms

@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "export", "serving")  # what serving imports; a test checks nothing else is needed
+CUDA_VERSION = "12.6"  # the CUDA base image of a GPU export's container (a version BentoML knows; torch's default wheels)
 
 
 def stage(export_dir: str | Path, ctx: Path, variant: str | None = None) -> str:
@@ -26,7 +27,7 @@ def stage(export_dir: str | Path, ctx: Path, variant: str | None = None) -> str:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for pkg in PACKAGES:
         shutil.copytree(ROOT / pkg, ctx / pkg, ignore=ignore)
-    shutil.copy(ROOT / "bentofile.yaml", ctx / "bentofile.yaml")
+    _bentofile(ROOT / "bentofile.yaml", ctx / "bentofile.yaml", manifest.device)
     art = ctx / "artifact"
     shutil.copytree(export_dir / entry.dir, art / entry.dir, ignore=ignore)
     for extra in ("bench.md", "bench.png"):
@@ -36,6 +37,22 @@ def stage(export_dir: str | Path, ctx: Path, variant: str | None = None) -> str:
                                           "bundled_from": str(export_dir.resolve())})
     write_manifest(art / "export.json", bundled)
     return name
+
+
+def _bentofile(src: Path, dst: Path, device: str | None) -> None:
+    """The project's bentofile; for an export made for CUDA, a CUDA base image (``docker.cuda_version``)
+    and ``T2I_DEVICE=cuda``, so the container is built for the GPU it was measured on (the service then
+    asks BentoML for one GPU, see ``serving.service``)."""
+    import yaml
+
+    if device != "cuda":
+        shutil.copy(src, dst)
+        return
+    spec = yaml.safe_load(src.read_text())
+    spec.setdefault("docker", {})["cuda_version"] = CUDA_VERSION
+    spec["envs"] = [e for e in spec.get("envs", []) if e["name"] != "T2I_DEVICE"] + [
+        {"name": "T2I_DEVICE", "value": "cuda"}]
+    dst.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 def build(export_dir: str | Path, variant: str | None = None, version: str | None = None) -> dict:

@@ -69,7 +69,21 @@ class _OneLineClientErrors(logging.Filter):
 logging.getLogger("bentoml._internal.server.http_app").addFilter(_OneLineClientErrors())
 
 
-@bentoml.service(name="t2i-model", traffic={"timeout": CFG.timeout_s}, workers=1)
+def _resources() -> dict:
+    """One GPU when the service runs on CUDA (T2I_DEVICE, else the export's device), so BentoML
+    schedules it on a GPU; nothing to ask for on the CPU."""
+    device = CFG.device
+    if device is None:
+        try:
+            from export.manifest import read_manifest
+
+            device = read_manifest(CFG.export_dir).device
+        except Exception:  # noqa: BLE001 - a broken export dir is reported by the model's load, not here
+            device = None
+    return {"gpu": 1} if device == "cuda" else {}
+
+
+@bentoml.service(name="t2i-model", traffic={"timeout": CFG.timeout_s}, workers=1, resources=_resources())
 class ImageModel:
     """Holds the variant; one batchable method over a list of per-image items."""
 

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -24,7 +25,8 @@ def _unet_weights(model_dir):
 def full_run(micro_model, micro_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "full"
     report = main(_cfg(micro_model, micro_data, out, steps=4, extra=["train.train_text_encoder=true",
-                                                                      "logging.sample_every=2"]))
+                                                                      "logging.sample_every=2",
+                                                                      "logging.log_every=1"]))
     return out, report
 
 
@@ -44,14 +46,19 @@ def test_run_writes_a_diffusers_model_dir(full_run):
 
 
 def test_samples_and_tensorboard(full_run):
-    out, _ = full_run
+    out, report = full_run
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ev = EventAccumulator(str(out / "logs" / "t2i"))
     ev.Reload()
-    assert "loss" in ev.Tags()["scalars"] and "lr" in ev.Tags()["scalars"]
-    assert "samples" in ev.Tags()["images"]
+    loss, lr = ev.Scalars("loss"), ev.Scalars("lr")
+    assert [e.step for e in loss] == [e.step for e in lr] == [1, 2, 3, 4]
+    assert loss[-1].value == pytest.approx(report["final_loss"], rel=1e-5)  # the values logged are the run's
+    samples = ev.Images("samples")
+    assert [e.step for e in samples] == [2, 4]
+    with Image.open(out / "samples" / "step-0000004.png") as grid:  # the logged image is the saved grid
+        assert (samples[-1].width, samples[-1].height) == grid.size
 
 
 def test_checkpoint_limit_and_atomic_names(full_run):

@@ -6,6 +6,8 @@ outputs cached (kohya / SimpleTuner's main speed lever).
 """
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,7 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
         self.pixels = torch.from_numpy(self.data.pixels)
+        self.cache_peak_gpu_mem_gb = None
         self.build_caches()
         groups = self._param_groups()
         self.ema_params = [p for g in groups for p in g["params"]]  # the order the EMA keeps its copies in
@@ -223,13 +226,16 @@ class Run:
     @torch.no_grad()
     def build_caches(self) -> None:
         show = self.acc.is_local_main_process
+        on_gpu = self.acc.device.type == "cuda"
         if self.cache_latents:  # with data.flip, each image's mirror image is cached behind the originals
             pixels = torch.cat([self.pixels, self.pixels.flip(2)]) if self.cfg.data.flip else self.pixels
+            chunk = self.cfg.train.cache_batch_size or (8 if on_gpu else 64)
             means, stds = [], []
-            for i in tqdm(range(0, len(pixels), 64), desc="caching latents", leave=False, disable=not show):
-                m, s = self.model.encode_images(to_pixels(pixels[i:i + 64]).to(self.acc.device))
-                means.append(m)
-                stds.append(s)
+            for i in tqdm(range(0, len(pixels), chunk), desc="caching latents", leave=False, disable=not show):
+                with self.acc.autocast() if on_gpu else contextlib.nullcontext():  # bf16/fp16 encode on a GPU
+                    m, s = self.model.encode_images(to_pixels(pixels[i:i + chunk]).to(self.acc.device))
+                means.append(m.float())
+                stds.append(s.float())
             self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
         if self.cache_text:
             uniq = sorted(set(self.data.captions) | {""})
@@ -238,6 +244,10 @@ class Run:
             for i in tqdm(range(0, len(uniq), 256), desc="caching text", leave=False, disable=not show):
                 embs.append(self.model.encode_text(uniq[i:i + 256]))
             self.text_cache = torch.cat(embs)
+        if on_gpu:  # the training step's peak is what the report's peak_gpu_mem_gb should show
+            self.cache_peak_gpu_mem_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
     # ---------------------------------------------------------------- data order
     def batch_indices(self, micro_step: int) -> np.ndarray:

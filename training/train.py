@@ -64,7 +64,7 @@ def run_loop(run: Run) -> dict:
     start_step = run.global_step
     bar = tqdm(total=t.max_steps, initial=start_step, desc="training", unit="step",
                disable=not acc.is_local_main_process, dynamic_ncols=True)
-    t0, last_loss, images_seen = time.time(), float("nan"), 0
+    t0, last_loss, images_seen, side_s = time.time(), float("nan"), 0, 0.0  # side_s: checkpoints and sample grids
     micro = run.global_step * t.grad_accum
     while run.global_step < t.max_steps:
         loss, n_images, grad_norm = train_step(run, micro)
@@ -90,21 +90,26 @@ def run_loop(run: Run) -> dict:
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             acc.log(logs, step=step)
+        t_side = time.time()
         if step % cfg.checkpoint.every == 0 or (last and cfg.checkpoint.save_final):
             save_checkpoint(run)
         se = cfg.logging.sample_every
         if (se and step % se == 0) or (last and cfg.logging.final_samples):
             log_samples(run)
+        side_s += time.time() - t_side
     bar.close()
     wall = time.time() - t0
+    steps_s = wall - side_s
     return {"steps": run.global_step, "steps_this_run": run.global_step - start_step, "wall_time_s": round(wall, 2),
-            "images_per_s": round(images_seen / wall, 2) if wall > 0 else None, "final_loss": last_loss,
+            "checkpoint_and_samples_s": round(side_s, 2),
+            "images_per_s": round(images_seen / steps_s, 2) if steps_s > 0 else None, "final_loss": last_loss,
             "num_processes": acc.num_processes, "num_images": len(run.data.captions),
             "focus_words": run.focus_words,
             "ema_decay_last": None if run.ema is None or run.ema.cur_decay_value is None
             else round(run.ema.cur_decay_value, 6),
             "skipped_images": run.data.skipped, "data": run.data_summary, "vae_fit": run.fit,
-            "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
+            "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            "cache_peak_gpu_mem_gb": run.cache_peak_gpu_mem_gb}
 
 
 def sample_grid(run: Run):

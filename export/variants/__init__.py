@@ -3,6 +3,7 @@
     unsupported(device) -> str | None   why it cannot run here (None: it can)
     build(model_dir, out_dir, device, ctx) -> dict   writes the variant folder; returns manifest notes
     load(var_dir, device) -> core.sampling.Generator   in a fresh process, from the folder alone
+    ``BASE+APPROX`` names an approximate variant of a registered base (``export.variants.approx``).
     TOLERANCE: float   max mean-abs pixel difference (0-255) from eager-fp32 on the same seeds
 """
 from __future__ import annotations
@@ -28,8 +29,16 @@ from export.config import DEFAULT_VARIANTS  # noqa: E402
 
 
 def get(name: str):
+    """The variant called ``name``: a registry entry, or ``BASE+APPROX`` (see ``export.variants.approx``)."""
     from core.errors import UserError
+    from export.variants.approx import Approximate, parse
 
+    spec = parse(name)
+    if spec is not None:
+        base, approx = spec
+        if base not in REGISTRY:
+            raise UserError(f"unknown base variant {base!r} in {name!r}; variants: {', '.join(REGISTRY)}")
+        return Approximate(base, approx)
     if name not in REGISTRY:
         raise UserError(f"unknown variant {name!r}; variants: {', '.join(REGISTRY)}")
     return REGISTRY[name]

@@ -50,6 +50,8 @@ class Compiled:
         reason = self._base().unsupported(device)
         if reason:
             return f"its base {self.base} is unsupported: {reason}"
+        if not hasattr(torch.compiler, "save_cache_artifacts"):
+            return f"torch {torch.__version__} has no torch.compiler.save_cache_artifacts (torch >= 2.7 does)"
         if device == "cpu" and not shutil.which("g++") and not shutil.which("c++"):
             return "Inductor on CPU needs a C++ compiler (g++), and none is installed"
         return None

@@ -12,6 +12,11 @@ logger to hide it).
 - fp16: weights and activations in fp16 (GPU only).
 - int8: dynamic int8 of the MatMul/Gemm (attention and linear) nodes only: on this CPU, int8
   convolutions (ConvInteger) were measured slower than fp32, so convolutions stay fp32.
+
+A network whose weights exceed ``EXTERNAL_DATA_MB`` (an SD 1.x UNet: 3.4 GB in fp32) is saved with its
+weights in a side file (``model.onnx.data``), since one protobuf cannot exceed 2 GB; the fp16 and
+int8 conversions then work through paths (``infer_shapes_path``, external data in and out) and never
+serialize the whole model into one message.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from export.common import copy_shared, load_torch_parts, make_generator, model_m
 from core.errors import UserError
 
 COMPONENT_ATOL = {"text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 2e-3, "vae_encoder": 2e-3}
+EXTERNAL_DATA_MB = 1024
+"""Networks with more weight than this (MB) keep it in model.onnx.data (the protobuf limit is 2 GB)."""
 
 
 class _Unet(torch.nn.Module):
@@ -67,8 +74,65 @@ class _Encoder(torch.nn.Module):
 
 def _export(module, args: tuple, names: list[str], outputs: list[str], shapes: dict | None, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
     torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=outputs,
-                      dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False)
+                      dynamic_shapes=shapes, dynamo=True, external_data=mb > EXTERNAL_DATA_MB, verbose=False)
+
+
+def _data_files(path: Path) -> set[str]:
+    """The external data files a model.onnx refers to (read without loading them)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {e.value for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
+
+
+def _save(model, path: Path, external: bool) -> None:
+    """Saves ``model`` at ``path``; with ``external``, its weights go to ``model.onnx.data`` beside it."""
+    import onnx
+
+    if not external:
+        onnx.save(model, str(path))
+        return
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
+
+
+def _drop_unreferenced(folder: Path, path: Path) -> None:
+    """Removes data files in ``folder`` that model.onnx no longer refers to (the fp32 weights after a conversion)."""
+    keep = _data_files(path)
+    for f in folder.glob("*.data"):
+        if f.name not in keep:
+            f.unlink()
+
+
+def _to_int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import onnx
+
+    external = bool(_data_files(path))
+    m = onnx.load(str(path), load_external_data=False)  # the graph alone; the weights stay where they are
+    del m.graph.value_info[:]  # the exporter's shape annotations confuse the quantizer's inference
+    onnx.save(m, str(path))
+    q = path.with_name("model.int8.onnx")
+    quantize_dynamic(str(path), str(q), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                     use_external_data_format=external)
+    q.replace(path)
+    _drop_unreferenced(path.parent, path)
+
+
+def _to_fp16(path: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    external = bool(_data_files(path))
+    # a path (not a loaded model) makes the converter infer shapes with infer_shapes_path: no 2 GB message
+    model = convert_float_to_float16(str(path), keep_io_types=False)
+    _save(model, path, external)
+    _drop_unreferenced(path.parent, path)
 
 
 def _session(path: Path, device: str):
@@ -81,10 +145,15 @@ def _session(path: Path, device: str):
     if device == "cuda":
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     try:  # ONNX is a protobuf graph of standard operators: reading it runs no code of the file's
-        return ort.InferenceSession(str(path), so, providers=providers)
+        sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a loadable ONNX model ({first}); re-run `t2i export`") from None
+    if sess.get_providers()[0] != providers[0]:  # ONNX Runtime falls back to the CPU without a word
+        raise UserError(f"{path}: ONNX Runtime could not start {providers[0]} (active: {sess.get_providers()}); "
+                        "on a GPU install onnxruntime-gpu matching the CUDA/cuDNN here (and not onnxruntime next to "
+                        "it), or serve on the CPU with T2I_DEVICE=cpu")
+    return sess
 
 
 def _check(module, examples: list[tuple], path: Path, name: str, atol: float) -> float:
@@ -207,26 +276,11 @@ class Onnx:
             src = {"text_encoder": "text_encoder", "unet": "unet"}.get(name, "vae")
             shutil.copy(model_dir / src / "config.json", out_dir / name / "config.json")
         if self.precision == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            import onnx
-
             for name in ("text_encoder", "unet"):
-                path = out_dir / name / "model.onnx"
-                m = onnx.load(str(path))
-                del m.graph.value_info[:]  # the exporter's shape annotations confuse the quantizer's inference
-                onnx.save(m, str(path))
-                q = path.with_name("model.int8.onnx")
-                quantize_dynamic(str(path), str(q), op_types_to_quantize=["MatMul", "Gemm"],
-                                 weight_type=QuantType.QInt8)
-                q.replace(path)
+                _to_int8(out_dir / name / "model.onnx")
         if self.precision == "fp16":
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-            import onnx
-
             for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
-                path = out_dir / name / "model.onnx"
-                onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=False), str(path))
+                _to_fp16(out_dir / name / "model.onnx")
         index = json.loads((model_dir / "model_index.json").read_text())
         index.update({"_class_name": "ORTStableDiffusionPipeline", "vae_decoder": ["onnxruntime", "ORTModel"],
                       "vae_encoder": ["onnxruntime", "ORTModel"]})
