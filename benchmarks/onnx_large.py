@@ -77,6 +77,12 @@ def main() -> None:
 
             onnx.checker.check_model(str(path))  # by path: the >2 GB form
             res[f"{precision}_valid_onnx"] = True
+            if precision == "fp16":  # a CUDA-EP graph; the CPU EP may lack some fp16 kernels
+                try:
+                    ox._session(path, "cpu")
+                    res["fp16_loads_on_cpu"] = True
+                except Exception as e:  # noqa: BLE001 - reported, not fatal
+                    res["fp16_loads_on_cpu"] = f"{type(e).__name__}: {str(e)[:200]}"
         t0 = time.perf_counter()
         sess = ox._session(work / "int8" / "model.onnx", "cpu")
         res["int8_load_s"] = round(time.perf_counter() - t0, 1)

@@ -18,8 +18,21 @@ _KNOWN_NOISE = [
     (r".*The axis name: .* will not be used, since it shares the same shape constraints.*", UserWarning),
     (r".*TypedStorage is deprecated.*", UserWarning),
     (r".*`resume_download` is deprecated.*", FutureWarning),
+    (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", FutureWarning),
     (r".*copying from a non-meta parameter in the checkpoint to a meta parameter.*", UserWarning),
 ]
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message contains one of ``parts`` (a logger filter: torch's own logging
+    setup resets levels when dynamo or the ONNX exporter first runs, but leaves filters alone)."""
+
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p in record.getMessage() for p in self.parts)
 
 
 def quiet_libraries() -> None:
@@ -33,3 +46,8 @@ def quiet_libraries() -> None:
     for name in ("torch.utils._pytree", "torchao", "bitsandbytes", "accelerate", "datasets", "onnxruntime",
                  "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # the ONNX exporter lists every torchvision operator it cannot register (16 lines per export)
+    logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(
+        _DropMessages("torchvision is not installed"))
+    # ONNX Runtime's quantizer logs this on the root logger for every graph it quantizes
+    logging.getLogger().addFilter(_DropMessages("Please consider to run pre-processing before quantization"))

@@ -59,7 +59,16 @@ def exported(micro_model, tmp_path_factory):
                   "--batch-sizes", "1", "--steps", "4", "--max-fid-drift", "1000", "--max-adherence-drop", "100",
                   timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
+    (out.parent / "stderr.txt").write_text(res.stderr)
     return out, read_manifest(out)
+
+
+@pytest.mark.slow
+def test_export_output_carries_no_library_chatter(exported):
+    """ONNX export, quantization and weight loading print nothing a user cannot act on."""
+    err = (exported[0].parent / "stderr.txt").read_text()
+    for noise in ("torchvision is not installed", "pre-processing before quantization", "Loading weights"):
+        assert noise not in err, noise
 
 
 @pytest.mark.slow
@@ -304,6 +313,7 @@ def test_onnx_conversions_keep_weights_outside_the_protobuf(micro_model, tmp_pat
             kinds = {t.data_type for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
             want = onnx.TensorProto.INT8 if precision == "int8" else onnx.TensorProto.FLOAT16
             assert want in kinds, (precision, part, kinds)
+            onnx.checker.check_model(str(path))  # a valid graph (nodes in order), read by path as large ones are
     req = [GenerationRequest("a red circle", num_inference_steps=4, seed=1)]
     got = ox.Onnx("int8").load(tmp_path / "int8", "cpu").generate(req)[0][0].astype(int)
     ref = load_generator_images(micro_model, req)

@@ -217,8 +217,13 @@ class Approximate:
         else:
             notes = self._base().build(model_dir, out_dir, device, ctx)
         if "cache" in dict(self.approx) and self.base.startswith("onnx-"):
-            notes = {**notes, "split_max_abs_error_vs_torch": export_onnx_split(model_dir, out_dir,
-                                                                                self.base.removeprefix("onnx-"))}
+            sibling = next((Path(d) / CACHE_DIR for n, d in ctx.get("built", {}).items()
+                            if n.startswith(self.base + "+") and (Path(d) / CACHE_DIR).is_dir()), None)
+            if sibling is not None:  # another approximation of this base exported the same split
+                shutil.copytree(sibling, out_dir / CACHE_DIR)
+            else:
+                notes = {**notes, "split_max_abs_error_vs_torch": export_onnx_split(
+                    model_dir, out_dir, self.base.removeprefix("onnx-"))}
         (out_dir / APPROX_FILE).write_text(json.dumps({"base": self.base, "approximations": self.spec()}))
         return {**notes, "base": self.base, "approximation": "; ".join(f"{KINDS[k]}: {p:g}" for k, p in self.approx)}
 
