@@ -157,16 +157,14 @@ def onnx_cached_unet_call(var_dir: Path, device: str, precision: str):
     """``unet_cached`` over an ONNX base's split graphs."""
     import numpy as np
 
-    from export.variants.onnx import _session
+    from export.variants.onnx import _session, unet_feeds
 
     full = _session(Path(var_dir) / CACHE_DIR / "full.onnx", device)
     shallow = _session(Path(var_dir) / CACHE_DIR / "shallow.onnx", device)
     dt = np.float16 if precision == "fp16" else np.float32
 
     def unet_cached(latents, t, text_emb, deep=None):
-        ts = np.asarray(t, dtype=np.int64).reshape(-1)
-        feeds = {"sample": latents.numpy().astype(dt), "encoder_hidden_states": text_emb.numpy().astype(dt),
-                 "timestep": np.full((latents.shape[0],), ts[0]) if ts.size == 1 else ts}
+        feeds = unet_feeds(latents, t, text_emb, dt)
         if deep is None:
             out, kept = full.run(None, feeds)
             return torch.from_numpy(out.astype(np.float32)), torch.from_numpy(kept)

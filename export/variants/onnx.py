@@ -127,12 +127,11 @@ def _to_int8(path: Path) -> None:
 
 def _to_fp16(path: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     external = bool(_data_files(path))
     # a path (not a loaded model) makes the converter infer shapes with infer_shapes_path: no 2 GB message
     model = convert_float_to_float16(str(path), keep_io_types=False)
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
     # the converter can add the same Cast twice (one per blocked consumer) and appends its Casts after
     # their consumers: keep one of each and put the nodes in order, or the graph is not valid ONNX
     produced, nodes = set(), []
@@ -240,6 +239,13 @@ def _parts(te, unet, vae, max_size: int, dynamic_size: bool = True) -> dict:
     return parts
 
 
+def unet_feeds(latents, t, text_emb, np_dtype) -> dict:
+    """The UNet graph's inputs: ``t`` is one timestep, or one per sample (step batching)."""
+    ts = np.asarray(t, dtype=np.int64).reshape(-1)
+    return {"sample": latents.numpy().astype(np_dtype), "encoder_hidden_states": text_emb.numpy().astype(np_dtype),
+            "timestep": np.full((latents.shape[0],), ts[0]) if ts.size == 1 else ts}
+
+
 class OnnxBackend:
     def __init__(self, var_dir: Path, device: str, precision: str):
         self.te = _session(var_dir / "text_encoder" / "model.onnx", device)
@@ -251,11 +257,7 @@ class OnnxBackend:
         return torch.from_numpy(self.te.run(None, {"input_ids": input_ids.numpy().astype(np.int64)})[0])
 
     def unet(self, latents, t, text_emb):
-        b = latents.shape[0]
-        ts = np.asarray(t, dtype=np.int64).reshape(-1)  # one timestep, or one per sample (step batching)
-        out = self.un.run(None, {"sample": latents.numpy().astype(self.np_dtype),
-                                 "timestep": np.full((b,), ts[0]) if ts.size == 1 else ts,
-                                 "encoder_hidden_states": text_emb.numpy().astype(self.np_dtype)})[0]
+        out = self.un.run(None, unet_feeds(latents, t, text_emb, self.np_dtype))[0]
         return torch.from_numpy(out.astype(np.float32))
 
     def decode(self, latents):
