@@ -11,6 +11,7 @@ import json
 import io
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -129,9 +130,11 @@ def inception_score(images: np.ndarray, classifier) -> dict:
             def forward(self, x, head=head):
                 with torch.no_grad():
                     return classifier(x.permute(0, 2, 3, 1).contiguous())[head]
-        metric = InceptionScore(feature=Head(), splits=1)
-        metric.update(torch.from_numpy(images).permute(0, 3, 1, 2))
-        out[head] = round(float(metric.compute()[0]), 3)
+        with warnings.catch_warnings():  # torchmetrics' notes on its feature buffer and, with one split,
+            warnings.filterwarnings("ignore", message=".*(extracted features in buffer|degrees of freedom)")
+            metric = InceptionScore(feature=Head(), splits=1)  # the std over one split: not reported
+            metric.update(torch.from_numpy(images).permute(0, 3, 1, 2))
+            out[head] = round(float(metric.compute()[0]), 3)
     return out
 
 

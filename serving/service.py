@@ -109,6 +109,10 @@ class ImageModel:
                 for images in sorted({1, max(1, CFG.max_batch_size // 2)}):  # guided: two rows per image
                     self.gen.generate([GenerationRequest("warm-up", num_inference_steps=2, seed=i)
                                        for i in range(images)])
+                if getattr(self.gen.backend, "row_buckets", None):  # a compiled UNet: every batch shape it will see
+                    from export.variants.compiled import warm_up
+
+                    warm_up(self.gen, [], max_rows=CFG.max_batch_size)
             self.warmup_s = time.perf_counter() - t0
             if MODE == "step":
                 from serving.metrics import EngineMetrics

@@ -68,7 +68,32 @@ def test_feature_caching_skips_the_deep_blocks_between_whole_steps(gen):
     assert "forward" not in vars(gen.backend.unet_model.mid_block)  # the stand-ins are gone after the call
 
 
-@pytest.mark.parametrize("kind,param", [("trunc", 0.5), ("cache", 2)])
+def test_token_merging_attends_over_fewer_tokens_at_the_top_resolution(gen):
+    from export.variants.tome import merge_plan
+
+    x = torch.randn(2, 64, 8)
+    x[:, 1] = x[:, 0]  # token 1 (a source) repeats token 0 (its window's destination): the first to merge
+    merge, unmerge = merge_plan(x, 8, 8, 1 / 64)
+    assert merge(x).shape == (2, 63, 8) and torch.equal(unmerge(merge(x)), x)
+    merge, unmerge = merge_plan(x, 8, 8, 0.5)
+    assert merge(x).shape == (2, 32, 8) and unmerge(merge(x)).shape == x.shape
+
+    req = [GenerationRequest("a red circle", num_inference_steps=3, seed=1)]
+    unet = gen.backend.unet_model
+    tokens = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn1.to_q"):
+            module.register_forward_pre_hook(lambda m, a: tokens.append(a[0].shape[1]))
+    base = images(gen, req)
+    top = max(tokens)
+    apply(gen, "tome", 0.5)
+    tokens.clear()
+    approx = images(gen, req)
+    assert max(tokens) == top // 2 and top not in tokens  # every top-resolution self-attention merged half
+    assert any((a != b).any() for a, b in zip(base, approx))
+
+
+@pytest.mark.parametrize("kind,param", [("trunc", 0.5), ("cache", 2), ("tome", 0.5)])
 def test_the_step_engine_gives_each_request_its_images_alone(gen, kind, param):
     apply(gen, kind, param)
     assert_same_as_alone(gen)
@@ -81,6 +106,8 @@ def test_names_parse_or_fail_with_the_syntax():
     assert get("eager-fp32+cache3").unsupported("cpu") is None
     assert get("onnx-fp32+cache2").unsupported("cpu") is None
     assert get("compile+cache2").unsupported("cpu")  # one compiled graph: nothing to split
-    for bad in ("eager-fp32+trunc1.5", "eager-fp32+cache0", "eager-fp32+tome", "nope+cache2", "eager-fp32+cache2+cache3"):
+    assert get("eager-fp32+tome0.5+cache2").approx == [("tome", 0.5), ("cache", 2.0)]
+    assert "torch UNet" in get("onnx-int8+tome0.5").unsupported("cpu")
+    for bad in ("eager-fp32+trunc1.5", "eager-fp32+cache0", "eager-fp32+tome", "eager-fp32+tome1", "nope+cache2", "eager-fp32+cache2+cache3"):
         with pytest.raises(UserError):
             get(bad)

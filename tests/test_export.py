@@ -15,7 +15,7 @@ from export.manifest import read_manifest
 from tests.conftest import ROOT, evil_pickle, forbid_unpickling, run_cli
 
 CPU_VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "int8-bnb", "compile", "onnx-fp32", "onnx-int8"]
-APPROX_VARIANTS = ["eager-fp32+cache2+trunc0.5", "onnx-int8+cache2+trunc0.5", "onnx-int8+trunc0.5"]
+APPROX_VARIANTS = ["eager-fp32+cache2+trunc0.5", "onnx-int8+cache2+trunc0.5", "onnx-int8+trunc0.5", "eager-fp32+tome0.5"]
 
 
 def test_engine_matches_diffusers_pipeline(micro_model):
@@ -102,6 +102,26 @@ def test_step_batching_matches_alone_for_each_backend(exported, name):
 
 
 @pytest.mark.slow
+def test_a_compiled_variant_warmed_for_serving_compiles_nothing_inside_a_request(exported):
+    """torch.compile with fixed shapes compiles again for each new batch size, and after dynamo's limit
+    of 8 graphs falls back to eager: serving warms every bucket up to its max rows at start; after
+    that, mixed batches through the step engine and the request loop compile nothing."""
+    import torch._dynamo
+
+    from export.variants.compiled import warm_up
+    from tests.test_stepper import MIXED, assert_same_as_alone
+
+    gen = load(exported[0], "compile", trusted=True)
+    warm_up(gen, [], max_rows=4)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        assert_same_as_alone(gen, MIXED[:2], max_rows=4, tol=1)  # 3 UNet rows (padded to 4), then 2
+        gen.generate([GenerationRequest("a red circle", num_inference_steps=2, seed=s) for s in (0, 1)])  # 4 rows
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+
+
+@pytest.mark.slow
 def test_approximate_variants_are_built_gated_and_loaded_with_their_approximation(exported):
     """An approximate variant is its base's folder plus approx.json; it is benchmarked and gated
     like any other, reloads with its approximation on, and one its base cannot run is skipped."""
@@ -115,10 +135,17 @@ def test_approximate_variants_are_built_gated_and_loaded_with_their_approximatio
         gen = load(out, name)
         assert (gen.cache_interval, gen.guidance_truncation) == (cache, trunc)
     assert (out / "onnx-int8+cache2+trunc0.5" / "unet_cache" / "shallow.onnx").is_file()
+    from export.variants.tome import _MergingProcessor
+
+    tome = manifest.variants["eager-fp32+tome0.5"]
+    assert tome.status == "ok" and tome.quality.mean_abs_px_diff > 0, tome.reason
+    unet = load(out, "eager-fp32+tome0.5").backend.unet_model
+    assert all(isinstance(m.processor, _MergingProcessor) for n, m in unet.named_modules() if n.endswith("attn1"))
     skipped = manifest.variants["compile+cache2"]
     assert skipped.status == "skipped" and "compile" in skipped.reason
 
 
+@pytest.mark.slow
 def test_unsupported_variants_are_skipped_with_reason(exported):
     _, manifest = exported
     for name in ("eager-fp16", "onnx-fp16"):
@@ -275,6 +302,7 @@ def test_a_hung_benchmark_is_stopped_at_its_timeout(micro_model, tmp_path):
     assert "benchmark did not finish within bench_timeout_s=0.5 s" in res.stderr
 
 
+@pytest.mark.slow
 def test_memory_is_measured_per_variant(exported):
     """Each variant's own memory is sampled while it loads and runs (ru_maxrss gave every variant the
     same number: the libraries' import peak), and a large allocation shows up in it."""
@@ -326,6 +354,7 @@ def load_generator_images(model, reqs):
     return load_generator(str(model)).generate(reqs)[0][0].astype(int)
 
 
+@pytest.mark.slow
 def test_a_requested_execution_provider_that_does_not_start_is_an_error(exported):
     """ONNX Runtime silently falls back to the CPU when CUDA cannot start: asked for CUDA on a machine
     without it, the session is refused with what to do instead of running on the CPU."""

@@ -52,6 +52,14 @@ PRESETS: dict[str, Preset] = {
         unet_blocks=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         unet_up_blocks=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         unet_layers=1, unet_heads=4, vae_channels=(16, 32, 64)),
+    # ~72 M-parameter UNet on 32x32x4 latents (128x128 images, 4x VAE): between the tiny model, whose
+    # speed is per-operator overhead, and SD 1.5, whose speed is arithmetic (benchmarks/scale_curve.py).
+    "mid": Preset(
+        resolution=128, vocab_size=1024, text_width=384, text_layers=6, text_heads=6,
+        unet_channels=(128, 256, 512),
+        unet_blocks=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        unet_up_blocks=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        unet_layers=2, unet_heads=8, vae_channels=(32, 64, 128)),
     # Stable Diffusion 1.5's shapes (860 M-parameter UNet, 123 M text encoder, 8x VAE at 512x512) with
     # random weights: for GPU timing (benchmarks/gpu.py) where the real checkpoint is not at hand.
     # The tokenizer is the small project one, so the text encoder's vocabulary is smaller than CLIP's.

@@ -12,6 +12,9 @@ and seeds as the baseline, only how much of the network runs per step changes:
   the UNet at run time; ONNX bases get two more graphs (``unet_cache/full.onnx``: the output and the
   kept input; ``unet_cache/shallow.onnx``), exported from the same split and checked against it. Not
   the compiled UNet (one graph). ``cache1`` is the base exactly.
+- ``tome<R>``: token merging (ToMe-SD, ``export.variants.tome``). Each self-attention at the UNet's
+  highest resolution runs on the tokens left after merging the fraction R (0 < R < 1) into similar
+  ones. Torch bases (eager, int8-torchao); it pays at large latents (SD 1.5's 64x64), not on 16x16.
 
 The variant folder is the base's folder plus ``approx.json`` ({"base", "approximations"}), so the loader,
 serving and the Bento apply the same approximation that was benchmarked.
@@ -29,9 +32,11 @@ from core.errors import UserError
 
 APPROX_FILE = "approx.json"
 KINDS = {"trunc": "guidance truncation (fraction of the last steps without the unconditional pass)",
-         "cache": "feature caching (full UNet every N-th step, shallow path in between)"}
+         "cache": "feature caching (full UNet every N-th step, shallow path in between)",
+         "tome": "token merging (fraction of the top-resolution tokens merged before self-attention)"}
 CACHE_BASES = ("eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-torchao-wo", "onnx-fp32", "onnx-fp16",
                "onnx-int8")
+TORCH_BASES = ("eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-torchao-wo")
 CACHE_DIR = "unet_cache"  # an ONNX base's split UNet
 
 
@@ -43,11 +48,13 @@ def parse(name: str) -> tuple[str, list[tuple[str, float]]] | None:
     base, *approx = name.split("+")
     out = []
     for a in approx:
-        m = re.fullmatch(r"(trunc)(0(?:\.\d+)?|1(?:\.0+)?)|(cache)([1-9]\d?)", a)
+        m = re.fullmatch(r"(trunc)(0(?:\.\d+)?|1(?:\.0+)?)|(cache)([1-9]\d?)|(tome)(0\.\d*[1-9]\d*)", a)
         if not m:
             raise UserError(f"unknown approximation {a!r} in {name!r}; use BASE+trunc<F> (0 <= F <= 1, e.g. "
-                            "onnx-int8+trunc0.4), BASE+cache<N> (N = 1..99, e.g. eager-fp32+cache3), or both")
-        out.append(("trunc", float(m.group(2))) if m.group(1) else ("cache", float(m.group(4))))
+                            "onnx-int8+trunc0.4), BASE+cache<N> (N = 1..99, e.g. eager-fp32+cache3), BASE+tome<R> "
+                            "(0 < R < 1, e.g. eager-fp32+tome0.5), or several")
+        kind = next(m.group(i) for i in (1, 3, 5) if m.group(i))
+        out.append((kind, float(m.group({"trunc": 2, "cache": 4, "tome": 6}[kind]))))
     if len({k for k, _ in out}) < len(out):
         raise UserError(f"{name!r} names one approximation twice")
     return base, out
@@ -185,6 +192,12 @@ def apply(gen, kind: str, param: float, var_dir: Path | None = None, base: str =
         else:
             raise UserError("feature caching needs a torch UNet or an ONNX base's split graphs")
         gen.cache_interval = int(param)
+    elif kind == "tome":
+        if not hasattr(gen.backend, "unet_model"):
+            raise UserError("token merging needs a torch UNet (an eager or int8-torchao base)")
+        from export.variants.tome import apply_token_merging
+
+        apply_token_merging(gen.backend.unet_model, float(param))
     return gen
 
 
@@ -205,6 +218,9 @@ class Approximate:
         if "cache" in dict(self.approx) and self.base not in CACHE_BASES:
             return (f"feature caching needs a UNet it can split; {self.base} runs it as one compiled graph "
                     f"(bases: {', '.join(CACHE_BASES)})")
+        if "tome" in dict(self.approx) and self.base not in TORCH_BASES:
+            return (f"token merging patches the attention of a torch UNet; {self.base} runs a graph "
+                    f"(bases: {', '.join(TORCH_BASES)})")
         return None
 
     def build(self, model_dir: Path, out_dir: Path, device: str, ctx: dict) -> dict:

@@ -22,17 +22,51 @@ CACHE_FILE = "inductor_cache.bin"
 CODE_KIND = "an Inductor cache (pickled graphs and compiled kernels)"
 
 
+ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # UNet rows and decoded images are padded to these sizes
+
+
+def _bucketed(fn, buckets: list[int]):
+    """``fn(x, *rest)`` on inputs padded (the last row repeated) to the next bucket's batch, sliced back:
+    a graph compiled for fixed shapes then sees only the buckets' batch sizes."""
+    def call(x, *rest):
+        n = x.shape[0]
+        b = next((b for b in buckets if b >= n), n)
+        if b == n:
+            return fn(x, *rest)
+
+        def pad(v):
+            if torch.is_tensor(v) and v.dim() and v.shape[0] == n:
+                return torch.cat([v, v[-1:].expand(b - n, *v.shape[1:])])
+            return v
+        return fn(pad(x), *(pad(v) for v in rest))[:n]
+    return call
+
+
 def _compile(gen) -> None:
     be = gen.backend
     be.unet_model = torch.compile(be.unet_model, dynamic=False)
-    be.row_buckets = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # step batching pads to these: few recompiles
     be.vae.decode = torch.compile(be.vae.decode, dynamic=False)
+    be.row_buckets = ROW_BUCKETS  # the step engine pads its UNet calls to these itself
+    be.unet, be.decode = _bucketed(be.unet, ROW_BUCKETS), _bucketed(be.decode, ROW_BUCKETS)
+    # one graph per bucket (and image size): dynamo's default limit of 8 would fall back to eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(ROW_BUCKETS))
 
 
-def warm_up(gen, batch_sizes: list[int], steps: int = 2) -> float:
+def warm_up(gen, batch_sizes: list[int], steps: int = 2, max_rows: int = 0) -> float:
+    """Runs ``batch_sizes`` whole generations, then the UNet and the decoder once at every bucket up to
+    ``max_rows`` (at the native size), so serving compiles nothing inside a request."""
     t0 = time.perf_counter()
     for b in batch_sizes:
         gen.generate([GenerationRequest("warm up", num_inference_steps=steps, seed=i) for i in range(b)])
+    side = gen.native_size // gen.vae_scale
+    emb = gen.encode(["warm up"])
+    with torch.no_grad():
+        for b in (b for b in ROW_BUCKETS if b <= max_rows):
+            lat = torch.zeros(b, gen.latent_channels, side, side)
+            embs = emb.repeat(b, 1, 1)  # contiguous, as the engine's batches are (strides are guarded too)
+            gen.backend.unet(lat, torch.full((b,), 500, dtype=torch.long), embs)  # the step engine's form
+            gen.backend.unet(lat, torch.tensor(500), embs)  # the request loop's: one timestep for all
+            gen.backend.decode(lat)
     return time.perf_counter() - t0
 
 
