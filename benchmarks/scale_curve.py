@@ -146,39 +146,54 @@ def _make(name: str, unet, inputs, work: Path):
     return step, notes
 
 
-def bench_size(preset: str, variants: list[str], rounds: int, work: Path, reference) -> dict:
+def bench_size(preset: str, variants: list[str], rounds: int, work: Path) -> dict:
+    """Small models: every variant made first, then timed in rounds (each round runs each variant once).
+    Models over 300 M parameters, whose variants do not all fit in memory together: one variant at a
+    time, each round timing eager-fp32 and then the variant, and the variant freed before the next."""
     unet, inputs = _unet(preset)
-    res: dict = {"unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
-                 "latent": list(inputs[0].shape[1:]), "variants": {}}
-    steps = {}
-    for name in variants:
-        print(f"[{preset}] making {name}", flush=True)
-        try:
-            steps[name], res["variants"][name] = _make(name, unet, inputs, work / preset)
-        except Exception as e:  # noqa: BLE001 - a variant this machine cannot make is reported, not fatal
-            res["variants"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-    if reference and "eager-fp32" in steps:
-        with torch.inference_mode():
-            ref = steps["eager-fp32"]()
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    res: dict = {"unet_params_m": round(params, 1), "latent": list(inputs[0].shape[1:]), "variants": {},
+                 "timing": "paired with eager-fp32, one variant in memory at a time" if params > 300 else "rounds"}
+    with torch.inference_mode():
+        ref = unet(*inputs, return_dict=False)[0]
+    groups = [[v for v in variants]] if params <= 300 else [[v] for v in variants if v != "eager-fp32"]
+    base_step = _torch_step(unet, inputs)
+    for group in groups:
+        steps = {}
+        for name in group:
+            print(f"[{preset}] making {name}", flush=True)
+            try:
+                steps[name], res["variants"][name] = _make(name, unet, inputs, work / preset)
+            except Exception as e:  # noqa: BLE001 - a variant this machine cannot make is reported, not fatal
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                res["variants"][name] = {"error": f"{type(e).__name__}: {first}"}
         for name, step in steps.items():
             out = step()
             out = torch.as_tensor(out[0] if isinstance(out, list) else out).float()
             res["variants"][name]["max_abs_diff"] = round(float((out - ref.float()).abs().max()), 4)
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    for r in range(rounds):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-        print(f"[{preset}] round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in steps),
-              flush=True)
-    base = statistics.median(times["eager-fp32"]) if "eager-fp32" in times else None
-    for name, ts in times.items():
-        ms = statistics.median(ts) * 1e3
-        res["variants"][name].update(ms_per_step=round(ms, 1), ms_all=[round(t * 1e3, 1) for t in ts])
-        if base:
-            res["variants"][name]["speedup"] = round(base * 1e3 / ms, 2)
-    del steps, unet
+        timed = dict(steps) if params <= 300 else {"eager-fp32": base_step, **steps}
+        times: dict[str, list[float]] = {n: [] for n in timed}
+        for r in range(rounds if steps else 0):
+            for name, step in timed.items():
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+            print(f"[{preset}] round {r + 1}/{rounds}: " +
+                  ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in timed), flush=True)
+        base = statistics.median(times["eager-fp32"]) if times.get("eager-fp32") else None
+        for name in steps:
+            ms = statistics.median(times[name]) * 1e3
+            res["variants"][name].update(ms_per_step=round(ms, 1), ms_all=[round(t * 1e3, 1) for t in times[name]])
+            if base:
+                res["variants"][name]["speedup"] = round(base * 1e3 / ms, 2)
+                res["variants"][name]["eager_fp32_ms_same_rounds"] = round(base * 1e3, 1)
+        del steps, timed
+        gc.collect()
+    if params > 300:
+        res["variants"] = {"eager-fp32": {"ms_per_step": statistics.median(
+            [v["eager_fp32_ms_same_rounds"] for v in res["variants"].values() if "eager_fp32_ms_same_rounds" in v]),
+            "speedup": 1.0, "max_abs_diff": 0.0}, **res["variants"]}
+    del unet
     gc.collect()
     return res
 
@@ -202,7 +217,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks(params, [f"{s}\n{p:g} M" for s, p in zip(sizes, params)])
     ax.set_ylabel("speed-up per UNet step vs eager-fp32")
-    ax.set_title(f"exact variants by model size ({result['threads']} CPU threads)")
+    ax.set_title(f"UNet step speed-up by model size ({result['threads']} CPU threads)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
@@ -215,9 +230,9 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated presets (default: {','.join(SIZES)})")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated (default: {','.join(VARIANTS)})")
-    ap.add_argument("--skip", default="sd15-shape:compile",
+    ap.add_argument("--skip", default="sd15-shape:compile,sd15-shape:eager-bf16",
                     help="SIZE:VARIANT pairs left out (default: compiling the SD1.5-shaped UNet, minutes of "
-                         "Inductor on a CPU)")
+                         "Inductor on a CPU, and its bf16 steps, minutes each on a CPU without bf16 units)")
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds per size (default: 30 tiny, 10 mid, 3 sd15)")
     ap.add_argument("--out", default="benchmarks/results/scale_curve.json", help="JSON result (the plot goes beside)")
     ap.add_argument("--work", default=None, help="folder for the ONNX graphs (default: a temporary one)")
@@ -232,13 +247,19 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="t2i-scale-"))
     out = Path(args.out)
     result: dict = {"host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "unit": "ms per UNet step, batch 2 (one guided image)", "sizes": {}}
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                    "unit": "ms per UNet step, batch 2 (one guided image)", "sizes": {}}
+    if out.is_file():  # the sizes measured before and not measured now are kept (one size at a time is fine)
+        from core.io import read_json_file
+
+        result["sizes"] = {k: v for k, v in read_json_file(out, "earlier results", "delete it").get("sizes", {}).items()
+                           if k not in sizes}
     try:
         for size in sizes:
+            print(f"[{size}] measuring", flush=True)
             rounds = args.rounds or {"tiny": 30, "mid": 10}.get(size, 3)
             t0 = time.perf_counter()
-            result["sizes"][size] = bench_size(size, [v for v in variants if (size, v) not in skip], rounds,
-                                               work, reference=True)
+            result["sizes"][size] = bench_size(size, [v for v in variants if (size, v) not in skip], rounds, work)
             result["sizes"][size]["wall_s"] = round(time.perf_counter() - t0, 1)
             write_json(out, result)  # what is measured so far survives a later failure
         plot(result, out.with_suffix(".png"))

@@ -215,10 +215,14 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 def _changed_keys(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every dotted key whose value differs."""
+    """'key: old -> new' for every dotted key whose value differs, or that only one side has (a setting
+    added to the code since the stage was made: its default may not be what the stage did)."""
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    def show(d, k):
+        return json.dumps(d[k]) if k in d else "(absent)"
+    return [f"{k}: {show(a, k)} -> {show(b, k)}" for k in sorted(set(a) | set(b))
+            if k not in a or k not in b or a[k] != b[k]]
 
 
 def _begun(stage: str, out: Path) -> bool:

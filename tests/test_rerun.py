@@ -27,6 +27,10 @@ def test_a_changed_stage_config_or_input_is_made_again_and_says_why(tmp_path):
     assert q.why_redo("bento") == "export, which it reads, was made again"  # ... so the Bento follows
     q.state["stages"]["train"]["output_id"] = "train-2"
     assert q.why_redo("eval") == "train, which it reads, was made again"
+    newer = _pipeline(tmp_path)  # a setting added to the code since (null by default) is named, not hidden
+    del newer.state["stages"]["train"]["config"]["training"]["train"]["cache_batch_size"]
+    newer.state["stages"]["train"]["config_hash"] = "made-by-older-code"
+    assert newer.why_redo("train") == "its config changed: training.train.cache_batch_size: (absent) -> null"
     legacy = _pipeline(tmp_path)
     legacy.state["stages"]["export"] = {"seconds": 1.0}  # written before configs were recorded
     assert "no record" in legacy.why_redo("export")
