@@ -75,6 +75,7 @@ def test_versions(compat_python):
     assert v["transformers"].startswith("4.") and v["optimum"] and v["onnxruntime"], v
 
 
+@pytest.mark.slow
 def test_text_encoders_load_every_weight_under_transformers_4(compat_python, micro_model, micro_finetune):
     for model in (BASE, micro_model, micro_finetune):
         te = worker(compat_python, "text-encoder", model)

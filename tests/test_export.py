@@ -186,6 +186,7 @@ def test_onnx_folders_have_optimum_layout(exported):
         assert manifest.variants[name].notes["checked_sizes"] == [32, 64]
 
 
+@pytest.mark.slow
 def test_onnx_unet_matches_torch_at_native_and_double_size(micro_model, tmp_path):
     from export.variants.onnx import COMPONENT_ATOL, _check, _export, _parts
     from export.common import load_torch_parts, model_meta
