@@ -87,12 +87,10 @@ class StepEngine:
 
     def __init__(self, gen: Generator, max_rows: int = 16, max_queue_rows: int = 256,
                  cancelled: Callable[[GenerationRequest], bool] | None = None,
-                 observer: EngineObserver | None = None, row_buckets: list[int] | None = None):
+                 observer: EngineObserver | None = None):
         self.gen, self.max_rows, self.max_queue_rows = gen, max_rows, max_queue_rows
         self.cancelled = cancelled or (lambda r: False)
         self.observer = observer or EngineObserver()
-        # backends that recompile per shape (torch.compile) get UNet batches padded to these sizes
-        self.row_buckets = sorted(row_buckets or getattr(gen.backend, "row_buckets", None) or []) or None
         self._queue: deque[_Slot] = deque()
         self._running: list[_Slot] = []
         self._cv = threading.Condition()
@@ -233,19 +231,14 @@ class StepEngine:
                 ts.append(torch.full((lat.shape[0],), int(t), dtype=torch.long))
                 embs.append(s.emb if s.guided_now or not s.guided else s.emb[len(s.latents):])
             x, t_rows, emb = torch.cat(ins), torch.cat(ts), torch.cat(embs)
-            rows = x.shape[0]
-            pad = self._bucket(rows) - rows
-            if pad:  # repeat the last row: a compiled UNet sees only the bucket's shapes
-                x, t_rows, emb = (torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for v in (x, t_rows, emb))
+            rows = x.shape[0]  # (a backend compiled for fixed shapes pads to its own buckets)
             t0 = time.perf_counter()
             if interval > 1:
                 deep = torch.cat([s.deep for s in group]) if shallow else None
-                if shallow and pad:
-                    deep = torch.cat([deep, deep[-1:].expand(pad, *deep.shape[1:])])
                 noise, deep = self.gen.backend.unet_cached(x, t_rows, emb, deep)
-                noise = noise.float()[:rows]
+                noise = noise.float()
             else:
-                noise = self.gen.backend.unet(x, t_rows, emb).float()[:rows]
+                noise = self.gen.backend.unet(x, t_rows, emb).float()
             dt = time.perf_counter() - t0
             self.gen.unet_time_s += dt
             self.gen.unet_calls += 1
@@ -270,11 +263,6 @@ class StepEngine:
                     self.observer.first_step(t0 - s.enqueued)
                 s.latents = s.sched.step(out, s.timesteps[s.step], s.latents, return_dict=False)[0]
                 s.step += 1
-
-    def _bucket(self, rows: int) -> int:
-        if not self.row_buckets:
-            return rows
-        return next((b for b in self.row_buckets if b >= rows), rows)
 
     @torch.no_grad()
     def _finish(self) -> None:

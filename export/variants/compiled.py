@@ -46,7 +46,7 @@ def _compile(gen) -> None:
     be = gen.backend
     be.unet_model = torch.compile(be.unet_model, dynamic=False)
     be.vae.decode = torch.compile(be.vae.decode, dynamic=False)
-    be.row_buckets = ROW_BUCKETS  # the step engine pads its UNet calls to these itself
+    be.row_buckets = ROW_BUCKETS  # what serving warms up (service.py)
     be.unet, be.decode = _bucketed(be.unet, ROW_BUCKETS), _bucketed(be.decode, ROW_BUCKETS)
     # one graph per bucket (and image size): dynamo's default limit of 8 would fall back to eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(ROW_BUCKETS))
