@@ -159,8 +159,11 @@ def test_manifest_selection_and_reports(exported):
     out, manifest = exported
     sel = manifest.selected
     assert sel in CPU_VARIANTS + APPROX_VARIANTS and manifest.variants[sel].within_budget
-    lat = {n: e.bench.latency[1].median_s for n, e in manifest.measured().items() if e.within_budget}
-    assert lat[sel] == min(lat.values())
+    lat = {n: e.bench.latency[1].median_s for n, e in manifest.measured().items()
+           if e.within_budget and e.quality.within_tolerance}
+    # the fastest, or within the 5% latency tie (timing noise) that goes to the most exact variant
+    assert lat[sel] <= min(lat.values()) * 1.05
+    assert "ties within 5%" in manifest.selection_reason
     bench = manifest.variants[sel].bench
     assert bench.load_s > 0 and bench.warmup_s > 0 and bench.peak_rss_mb > 0 and bench.unet_gflops_per_s > 0
     assert manifest.plan.batch_sizes == [1] and manifest.plan.steps == 4 and manifest.device == "cpu"
