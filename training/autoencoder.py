@@ -71,7 +71,7 @@ def evaluate(vae, old, sets: dict) -> dict:
         if name == "gray":
             r = (rec.clamp(-1, 1) + 1) * 127.5
             out["gray_chroma_err"] = round(float((r - r.mean(1, keepdim=True)).abs().mean()), 3)
-        if name == "synthetic":
+        if name == "synthetic" and _latent_shape(vae) == _latent_shape(old):
             z_new = torch.cat([vae.encode(c).latent_dist.mean for c in chunks(x)])
             z_old = torch.cat([old.encode(c).latent_dist.mean for c in chunks(x)])
             out["latent_drift_rel"] = round(float((z_new - z_old).norm() / z_old.norm()), 4)
@@ -96,8 +96,9 @@ def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
     old = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
+    vae = _fresh_vae(old, cfg) if cfg.new_architecture else AutoencoderKL.from_pretrained(
+        vae_dir, torch_dtype=torch.float32)
     size = vae.config.sample_size
     sources = packaged_photos()
     unknown = [n for n in cfg.held_out if n not in sources]
@@ -162,6 +163,28 @@ def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
         if step == stop_at:
             break
     return best
+
+
+def _latent_shape(vae) -> tuple[int, int]:
+    return vae.config.latent_channels, len(vae.config.block_out_channels)
+
+
+def _fresh_vae(old, cfg: AutoencoderConfig):
+    """A randomly initialised AutoencoderKL: the base VAE's config with ``new_architecture``'s fields."""
+    from diffusers import AutoencoderKL
+
+    arch = cfg.new_architecture
+    n = len(arch.block_out_channels)
+    if any(c % arch.norm_num_groups for c in arch.block_out_channels):
+        raise UserError(f"new_architecture.norm_num_groups {arch.norm_num_groups} must divide every "
+                        f"block_out_channels entry {arch.block_out_channels}")
+    if (arch.latent_channels, n) != _latent_shape(old) and cfg.anchor_weight > 0:
+        raise UserError(f"new_architecture's latents (channels, levels) {(arch.latent_channels, n)} differ from the "
+                        f"base's {_latent_shape(old)}, so there are no old latents to anchor to: set anchor_weight: 0")
+    conf = {k: v for k, v in old.config.items() if not k.startswith("_")}
+    conf.update(arch.model_dump(), down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                scaling_factor=1.0)
+    return AutoencoderKL.from_config(conf)
 
 
 def _write_metrics(path: Path, rows: list[dict], append: bool = False) -> None:

@@ -223,6 +223,19 @@ class DataCheckConfig(Strict):
     """Round-trip PSNR (dB) under which the VAE counts as a poor fit for the data."""
 
 
+class NewVAEArchitecture(Strict):
+    """The fields of a diffusers ``AutoencoderKL`` config that a fresh VAE may change."""
+
+    block_out_channels: list[int] = Field(min_length=1)
+    """Channels per resolution level; n levels downsample by 2^(n-1)."""
+    latent_channels: int = Field(ge=1)
+    """Channels of the latent (the UNet's in/out channels)."""
+    layers_per_block: int = Field(1, ge=1)
+    """ResNet layers per level in the encoder (the decoder has one more)."""
+    norm_num_groups: int = Field(16, ge=1)
+    """GroupNorm groups; must divide every entry of block_out_channels."""
+
+
 class AutoencoderConfig(Strict):
     """``t2i train-autoencoder``: fine-tune a model's VAE on a broad image mix (packaged photos,
     procedural textures, the synthetic world) while keeping its latents of the synthetic world, so a
@@ -251,6 +264,10 @@ class AutoencoderConfig(Strict):
     """Train the decoder alone (the latent space cannot move; less room to represent new images)."""
     held_out: list[str] = ["sklearn:china.jpg", "sklearn:flower.jpg", "skimage:coffee", "skimage:camera"]
     """Whole photos never trained on; the held-out PSNR is measured on crops of them."""
+    new_architecture: NewVAEArchitecture | None = None
+    """Train a freshly initialised VAE of this shape instead of fine-tuning the base's (the base's
+    config with these fields replaced). Its latent space is new, so a UNet must be re-adapted to it;
+    needs ``anchor_weight: 0`` when the latent channels differ."""
     eval_every: int = Field(250, ge=1)
     """Steps between evaluations (held-out photos, grayscale, synthetic world)."""
     seed: int = 0
