@@ -5,6 +5,12 @@ of the image indices) and prompt-adherence drop (per image: right or wrong, pair
 With 48 images one image changing its adherence moves the drop by 2 points; the interval says how
 far the measurement can be trusted, and the export gate accepts a variant only when the whole
 interval is inside the budget.
+
+What the FID-drift interval covers is the drift *as measured with that many images*: FID itself is
+biased at small sample sizes, more so with more feature dimensions. In a synthetic case with 128
+features (the domain classifier's), the drift measured with 48 images averaged 3.1% where the
+populations' drift was 5.4% (docs/experiments.md); more gate images (``export.num_images``) move the
+measured drift towards the population's.
 """
 from __future__ import annotations
 
@@ -37,9 +43,24 @@ def frechet(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray
     return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * root)
 
 
-def interval(samples: np.ndarray, conf: float) -> list[float]:
-    lo, hi = np.quantile(samples, [(1 - conf) / 2, 1 - (1 - conf) / 2])
+def interval(samples: np.ndarray, conf: float, estimate: float | None = None) -> list[float]:
+    """Percentile interval of bootstrap ``samples``; with ``estimate`` (the statistic on the original
+    sample), moved by the bootstrap's median bias (median(samples) - estimate) first.
+
+    FID on a resample is biased: its repeated images shrink the feature covariance, both FIDs grow
+    and the drift between them shrinks, so at 48 images the plain percentile interval can miss its
+    own point estimate (measured on the demo: +3.3% against [-0.5, +2.9]). Centring the resamples'
+    median on the estimate removes that; ``tests/test_gate.py`` checks the coverage on a synthetic case.
+    """
+    shift = float(np.median(samples)) - estimate if estimate is not None else 0.0
+    lo, hi = np.quantile(samples, [(1 - conf) / 2, 1 - (1 - conf) / 2]) - shift
     return [round(float(lo), 3), round(float(hi), 3)]
+
+
+def _drift(base: np.ndarray, var: np.ndarray, ref: tuple[np.ndarray, np.ndarray]) -> float:
+    fb = frechet(*moments(base), *ref)
+    fv = frechet(*moments(var), *ref)
+    return 100 * (fv - fb) / fb if fb > 0 else 0.0
 
 
 def paired(base_feats: np.ndarray, var_feats: np.ndarray, ref: tuple[np.ndarray, np.ndarray],
@@ -52,15 +73,14 @@ def paired(base_feats: np.ndarray, var_feats: np.ndarray, ref: tuple[np.ndarray,
     if len(var_feats) != n or len(base_hits) != n or len(var_hits) != n:
         raise ValueError("paired bootstrap needs the same images (prompts and seeds) on both sides")
     rng = np.random.default_rng(seed)
-    mu_r, cov_r = ref
     drift, drop = [], []
     scored = ~np.isnan(base_hits)
     for _ in range(resamples):
         idx = rng.integers(0, n, n)
-        fb = frechet(*moments(base_feats[idx]), mu_r, cov_r)
-        fv = frechet(*moments(var_feats[idx]), mu_r, cov_r)
-        drift.append(100 * (fv - fb) / fb if fb > 0 else 0.0)
+        drift.append(_drift(base_feats[idx], var_feats[idx], ref))
         s = idx[scored[idx]]
         drop.append(100 * (base_hits[s].mean() - var_hits[s].mean()) if len(s) else 0.0)
-    return {"fid_drift_pct_ci": interval(np.array(drift), conf), "adherence_drop_ci": interval(np.array(drop), conf),
+    # the drop is a mean of paired differences (its bootstrap is unbiased): plain percentiles
+    return {"fid_drift_pct_ci": interval(np.array(drift), conf, _drift(base_feats, var_feats, ref)),
+            "adherence_drop_ci": interval(np.array(drop), conf),
             "images": n, "resamples": resamples, "confidence": conf}

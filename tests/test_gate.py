@@ -37,6 +37,32 @@ def test_adherence_interval_covers_the_true_drop():
     assert same["adherence_drop_ci"] == [0.0, 0.0] and same["fid_drift_pct_ci"] == [0.0, 0.0]
 
 
+def test_fid_drift_interval_covers_the_drift_at_its_image_count():
+    """Populations with a known difference (a shift plus noise), 48 images, 16 features: the interval
+    covers the expected drift measured with 48 images in about 95% of repeated experiments (the plain
+    percentile interval, biased by the resamples' repeated images, covered 88% here) and always
+    contains its own point estimate."""
+    rng = np.random.default_rng(4)
+    d, n = 16, 48
+    a = rng.normal(size=(d, d)) / np.sqrt(d)
+    chol = np.linalg.cholesky(a @ a.T + 0.5 * np.eye(d))
+    mu, delta, ref = rng.normal(0, 0.6, d), rng.normal(0, 0.15, d), (np.zeros(d), np.eye(d))
+
+    def draw():
+        x = mu + rng.normal(size=(n, d)) @ chol.T
+        return x, x + delta + rng.normal(0, 0.2, (n, d))
+
+    truth = np.mean([bootstrap._drift(*draw(), ref) for _ in range(300)])
+    hits = np.ones(n)
+    covered = own = 0
+    for trial in range(40):
+        x, y = draw()
+        lo, hi = bootstrap.paired(x, y, ref, hits, hits, resamples=200, seed=trial)["fid_drift_pct_ci"]
+        covered += lo <= truth <= hi
+        own += lo <= bootstrap._drift(x, y, ref) <= hi
+    assert covered >= 34 and own == 40, (covered, own, truth)
+
+
 def test_fid_interval_separates_a_shift_from_noise():
     """A variant whose features are the baseline's plus a shift gets an interval away from 0; one with
     the baseline's features plus tiny noise gets a narrow interval around 0."""
