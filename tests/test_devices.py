@@ -44,7 +44,9 @@ def test_the_vae_stage_keeps_its_images_on_the_vaes_device(micro_model, micro_da
     assert runs_on_one_device(sample_grid, run).startswith("reached a value")
 
 
-@pytest.mark.parametrize("extra", [[], ["train.cache=false", "train.train_text_encoder=true"]], ids=["cached", "uncached"])
+@pytest.mark.parametrize("extra", [[], ["train.cache_fill=upfront", "data.flip=true"],
+                                   ["train.cache=false", "train.train_text_encoder=true"]],
+                         ids=["cached-lazily", "cached-upfront", "uncached"])
 def test_the_unet_stage_caches_trains_and_samples_on_one_device(micro_model, micro_data, tmp_path, monkeypatch, extra):
     from core.sampling import GenerationRequest
     from training.train import train_step

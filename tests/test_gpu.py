@@ -16,7 +16,7 @@ def test_the_vae_stage_and_a_cached_unet_stage_train_and_sample_on_the_gpu(micro
     from training.train import main
 
     for name, extra in (("vae", ["train.what=vae", "train.ema_decay=null"]),
-                        ("unet", ["train.mixed_precision=bf16", "train.cache=true"])):
+                        ("unet", ["train.mixed_precision=bf16", "train.cache=true", "train.cache_fill=upfront"])):
         out = tmp_path / name
         report = main(load_config(TrainConfig, None, micro_overrides(micro_model, micro_data, out, 2) + extra))
         assert report["steps"] == 2 and report["peak_gpu_mem_gb"] is not None, report

@@ -289,3 +289,23 @@ def test_planted_pickle_in_a_checkpoint_is_never_loaded(full_run, micro_model, m
     with pytest.raises(UserError, match="older t2i as pickles"):
         main(_cfg(micro_model, micro_data, run, steps=6, extra=[f"checkpoint.resume_from={old}"]))
     assert not marker.exists()
+
+
+def test_caches_fill_as_batches_need_them_with_the_values_of_an_upfront_fill(micro_model, micro_data, tmp_path):
+    """train.cache_fill=lazy starts training without encoding anything; a batch encodes the blocks of
+    rows it needs, and every cached value is bit-identical to an up-front fill's (exact resume)."""
+    from training.run import Run
+
+    base = ["data.flip=true", "train.cache_batch_size=4"]
+    lazy = Run(_cfg(micro_model, micro_data, tmp_path / "lazy", extra=base))
+    assert lazy.lat_mean is None and not lazy.lat_done.any() and not lazy.text_done.any()
+    upfront = Run(_cfg(micro_model, micro_data, tmp_path / "up", extra=base + ["train.cache_fill=upfront"]))
+    assert upfront.lat_done.all() and upfront.text_done.all()
+    rows = torch.tensor([5, 50, 51, 95])  # 48 images: rows 48-95 are the mirror images
+    mean, std = lazy.cached_latents(rows)
+    assert lazy.lat_done.nonzero().flatten().tolist() == [1, 12, 23]
+    assert torch.equal(mean, upfront.lat_mean[rows]) and torch.equal(std, upfront.lat_std[rows])
+    assert not torch.equal(upfront.lat_mean[5], upfront.lat_mean[53])  # a mirror image's latent is its own
+    caps = [lazy.data.captions[i] for i in (0, 7, 3)] + [""]
+    assert torch.equal(lazy.cached_text(caps), upfront.cached_text(caps))
+    assert 0 < int(lazy.text_done.sum()) < len(lazy.text_done)

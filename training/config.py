@@ -124,8 +124,12 @@ class TrainArgs(Strict):
     cache: bool = True
     """Cache latents / text embeddings of frozen VAE / text encoder."""
     cache_batch_size: int | None = Field(None, ge=1)
-    """Images per VAE encode while caching latents (default: 64 on the CPU, 8 on a GPU, where a 64-image
+    """Images per VAE encode while caching latents (default: 16 on the CPU, 8 on a GPU, where a 64-image
     encode at 512 px would peak above training's memory)."""
+    cache_fill: Literal["lazy", "upfront"] = "lazy"
+    """lazy: the caches fill as the first epoch's batches need them, so training starts at once;
+    upfront: everything is encoded before step 1 (and on a GPU the report separates caching's memory
+    peak, cache_peak_gpu_mem_gb, from training's). Same cached values either way."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the UNet."""
     vae_kl_weight: float = 1e-6

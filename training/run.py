@@ -24,6 +24,10 @@ from training.data import format_summary, summary
 from training.fit import poor_fit_message, vae_round_trip
 
 
+TEXT_CHUNK = 16
+"""Captions per text-encoder call while caching embeddings."""
+
+
 def prepare_data(cfg: TrainConfig, resolution: int):
     """Renders the synthetic dataset first when the config asks for it, then loads the folder."""
     from synthetic.dataset import generate_dataset, synthetic_spec_matches
@@ -223,31 +227,75 @@ class Run:
         return ema
 
     # ---------------------------------------------------------------- caching
-    @torch.no_grad()
+    # The caches fill as batches need them (train.cache_fill=lazy): training starts as soon as the model
+    # and data are loaded, and the encoding is paid during the first epoch instead of before step 1.
+    # Rows are encoded in fixed blocks (rows b*chunk .. (b+1)*chunk-1), never in the order batches ask
+    # for them, so a cached value is the same bits whichever step first needed it (exact resume).
     def build_caches(self) -> None:
-        show = self.acc.is_local_main_process
+        t = self.cfg.train
         on_gpu = self.acc.device.type == "cuda"
         if self.cache_latents:  # with data.flip, each image's mirror image is cached behind the originals
-            pixels = torch.cat([self.pixels, self.pixels.flip(2)]) if self.cfg.data.flip else self.pixels
-            chunk = self.cfg.train.cache_batch_size or (8 if on_gpu else 64)
-            means, stds = [], []
-            for i in tqdm(range(0, len(pixels), chunk), desc="caching latents", leave=False, disable=not show):
-                with self.acc.autocast() if on_gpu else contextlib.nullcontext():  # bf16/fp16 encode on a GPU
-                    m, s = self.model.encode_images(to_pixels(pixels[i:i + chunk]).to(self.acc.device))
-                means.append(m.float())
-                stds.append(s.float())
-            self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
+            self.lat_rows = len(self.pixels) * (2 if self.cfg.data.flip else 1)
+            self.lat_chunk = t.cache_batch_size or (8 if on_gpu else 16)
+            self.lat_done = torch.zeros((self.lat_rows + self.lat_chunk - 1) // self.lat_chunk, dtype=torch.bool)
+            self.lat_mean = self.lat_std = None
         if self.cache_text:
             uniq = sorted(set(self.data.captions) | {""})
             self.caption_index = {c: i for i, c in enumerate(uniq)}
-            embs = []
-            for i in tqdm(range(0, len(uniq), 256), desc="caching text", leave=False, disable=not show):
-                embs.append(self.model.encode_text(uniq[i:i + 256]))
-            self.text_cache = torch.cat(embs)
-        if on_gpu:  # the training step's peak is what the report's peak_gpu_mem_gb should show
-            self.cache_peak_gpu_mem_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            self.captions_uniq = uniq
+            self.text_done = torch.zeros((len(uniq) + TEXT_CHUNK - 1) // TEXT_CHUNK, dtype=torch.bool)
+            self.text_cache = None
+        if t.cache_fill == "upfront":
+            show = self.acc.is_local_main_process
+            if self.cache_latents:
+                for b in tqdm(range(len(self.lat_done)), desc="caching latents", leave=False, disable=not show):
+                    self._fill_latents(b)
+            if self.cache_text:
+                for b in tqdm(range(len(self.text_done)), desc="caching text", leave=False, disable=not show):
+                    self._fill_text(b)
+            if on_gpu:  # the training step's peak is what the report's peak_gpu_mem_gb should show
+                self.cache_peak_gpu_mem_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+
+    @torch.no_grad()
+    def _fill_latents(self, b: int) -> None:
+        lo, hi = b * self.lat_chunk, min((b + 1) * self.lat_chunk, self.lat_rows)
+        rows = torch.arange(lo, hi)
+        n = len(self.pixels)
+        flip = rows >= n
+        x = self.pixels[rows % n].clone()
+        x[flip] = x[flip].flip(2)  # NHWC: dimension 2 is the width
+        on_gpu = self.acc.device.type == "cuda"
+        with self.acc.autocast() if on_gpu else contextlib.nullcontext():  # bf16/fp16 encode on a GPU
+            m, s = self.model.encode_images(to_pixels(x).to(self.acc.device))
+        if self.lat_mean is None:
+            self.lat_mean = torch.empty(self.lat_rows, *m.shape[1:], device=m.device)
+            self.lat_std = torch.empty_like(self.lat_mean)
+        self.lat_mean[lo:hi] = m.float()
+        self.lat_std[lo:hi] = s.float()
+        self.lat_done[b] = True
+
+    @torch.no_grad()
+    def _fill_text(self, b: int) -> None:
+        emb = self.model.encode_text(self.captions_uniq[b * TEXT_CHUNK:(b + 1) * TEXT_CHUNK])
+        if self.text_cache is None:
+            self.text_cache = torch.empty(len(self.captions_uniq), *emb.shape[1:], dtype=emb.dtype, device=emb.device)
+        self.text_cache[b * TEXT_CHUNK:b * TEXT_CHUNK + len(emb)] = emb
+        self.text_done[b] = True
+
+    def cached_latents(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for b in torch.unique(rows // self.lat_chunk).tolist():
+            if not self.lat_done[b]:
+                self._fill_latents(b)
+        return self.lat_mean[rows], self.lat_std[rows]
+
+    def cached_text(self, captions: list[str]) -> torch.Tensor:
+        ids = [self.caption_index[c] for c in captions]
+        for b in sorted({i // TEXT_CHUNK for i in ids}):
+            if not self.text_done[b]:
+                self._fill_text(b)
+        return self.text_cache[ids]
 
     # ---------------------------------------------------------------- data order
     def batch_indices(self, micro_step: int) -> np.ndarray:
@@ -271,11 +319,11 @@ class Run:
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         if self.cache_latents:
             rows = torch.as_tensor(idx) + flip.long() * len(self.pixels)
-            latents = self.model.sample_latents(self.lat_mean[rows], self.lat_std[rows])
+            latents = self.model.sample_latents(*self.cached_latents(rows))
         else:
             latents = self.model.sample_latents(*self.model.encode_images(to_pixels(self._pixels(idx, flip)).to(device)))
         if self.cache_text:
-            emb = self.text_cache[[self.caption_index[c] for c in captions]]
+            emb = self.cached_text(captions)
         else:
             emb = self.model.encode_text(captions)
         return latents, emb
