@@ -4,8 +4,14 @@ Compares, in one run (ratios are what to read on a shared, noisy machine):
   cache on  (latents + text embeddings computed once; VAE and text encoder frozen)
   cache off (VAE encode + text encode every step)
   fp32 vs bf16 autocast (cache on)
+and, each in a fresh process clocked by benchmarks/step_clock.py on 2,000 images with flips,
+start-up (process start to the first step's backward) and steady state (median step over steps
+40-80) of `t2i train` (caches filled lazily, and up front) against diffusers'
+examples/text_to_image/train_text_to_image.py when a diffusers checkout is given (--example; the
+script is run from there, pinned by its commit, never copied here); runs alternate, 2 rounds.
 
-    .venv/bin/python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
+    .venv/bin/python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json \
+        [--example /path/to/diffusers-checkout]
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,21 +61,89 @@ def measure(model: Path, data: Path, work: Path, name: str, overrides: list[str]
             "images_per_s": round(16 / med, 2)}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+CLOCK_STEPS = 80
+
+
+def clocked(name: str, cmd: list[str], work: Path) -> dict:
+    """One trainer in a fresh process: seconds to its first backward, and its median step after caching."""
+    out = work / f"{name}.clock.json"
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_clock.py"), str(out), str(CLOCK_STEPS), *cmd],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    if not out.is_file():
+        raise SystemExit(f"{name} did not reach {CLOCK_STEPS} steps:\n{res.stderr[-3000:]}")
+    stamps = json.loads(out.read_text())["backward_done_s"]
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    med = statistics.median(steps[CLOCK_STEPS // 2:])
+    return {"first_step_s": round(stamps[0], 2), "median_step_s": round(med, 4), "images_per_s": round(16 / med, 2)}
+
+
+def startup_comparison(model: Path, work: Path, example: Path | None, rounds: int) -> dict:
+    from synthetic.dataset import generate_dataset
+
+    data = generate_dataset(work / "data2k", n=2000, seed=0)
+    ours = ["-m", "pipeline.cli", "train", f"model.pretrained={model}", f"data.path={data}", "train.batch_size=16",
+            "train.max_steps=1000", "train.warmup_steps=0", "train.mixed_precision=no", "data.flip=true",
+            "logging.sample_every=0", "checkpoint.every=100000", "train.learning_rate=1e-4"]
+    peers = {"ours_lazy_cache": ours + [f"output_dir={work / 'o1'}", "train.cache_fill=lazy"],
+             "ours_upfront_cache": ours + [f"output_dir={work / 'o2'}", "train.cache_fill=upfront"]}
+    commit = None
+    if example is not None:
+        script = example / "examples" / "text_to_image" / "train_text_to_image.py"
+        if not script.is_file():
+            raise SystemExit(f"--example {example}: no examples/text_to_image/train_text_to_image.py there")
+        probe = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True, text=True)
+        if probe.returncode != 0:  # the example's data pipeline; PyPI's torchvision wheels are CUDA builds
+            raise SystemExit("the diffusers example needs torchvision built for this torch "
+                             f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'not importable'}); "
+                             "on a CPU-only torch install the matching CPU wheel (download.pytorch.org/whl/cpu)")
+        commit = subprocess.run(["git", "-C", str(example), "rev-parse", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or None
+        peers["diffusers_example"] = [
+            str(script), f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", "--resolution=64",
+            "--train_batch_size=16", "--max_train_steps=1000", "--learning_rate=1e-4", "--lr_warmup_steps=0",
+            "--mixed_precision=no", "--random_flip", "--dataloader_num_workers=0", "--checkpointing_steps=100000",
+            "--report_to=tensorboard", f"--output_dir={work / 'ex'}"]
+    runs: dict[str, list[dict]] = {k: [] for k in peers}
+    for r in range(rounds):
+        for name, cmd in peers.items():
+            runs[name].append(clocked(name, cmd, work))
+            print(f"round {r + 1} {name:20s} first step {runs[name][-1]['first_step_s']:5.1f} s, "
+                  f"{runs[name][-1]['images_per_s']:5.1f} img/s", flush=True)
+    summary = {k: {"first_step_s": statistics.median(x["first_step_s"] for x in v),
+                   "images_per_s": statistics.median(x["images_per_s"] for x in v), "runs": v} for k, v in runs.items()}
+    out = {"images": 2000, "flip": True, "steps_clocked": CLOCK_STEPS, "steady_state_window": [CLOCK_STEPS // 2, CLOCK_STEPS],
+           "diffusers_example_commit": commit, "results": summary}
+    if "diffusers_example" in summary:
+        ex = summary["diffusers_example"]
+        out["ratios_vs_example"] = {k: {"startup": round(v["first_step_s"] / ex["first_step_s"], 2),
+                                        "steady_state": round(v["images_per_s"] / ex["images_per_s"], 2)}
+                                    for k, v in summary.items() if k != "diffusers_example"}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/train_throughput.json", help="JSON output")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--example", type=Path, default=None,
+                    help="a diffusers git checkout: its train_text_to_image.py example is run as a peer")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the start-up comparison")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_preset("tiny", work / "tiny")
         data = generate_dataset(work / "data", n=512, seed=0)
-        settings = [("cache_fp32", ["train.cache=true", "train.mixed_precision=no"]),
+        up = "train.cache_fill=upfront"  # steady state after caching
+        settings = [("cache_fp32", ["train.cache=true", "train.mixed_precision=no", up]),
                     ("nocache_fp32", ["train.cache=false", "train.mixed_precision=no"]),
-                    ("cache_bf16", ["train.cache=true", "train.mixed_precision=bf16"]),
+                    ("cache_bf16", ["train.cache=true", "train.mixed_precision=bf16", up]),
                     ("nocache_bf16", ["train.cache=false", "train.mixed_precision=bf16"])]
         results = {n: measure(model, data, work, n, o, args.steps, args.warmup) for n, o in settings}
+        startup = startup_comparison(model, work, args.example, args.rounds)
     r = {k: v["images_per_s"] for k, v in results.items()}
     out = {
         "benchmark": "train_throughput", "preset": "tiny", "batch_size": 16, "resolution": 64,
@@ -78,10 +153,12 @@ def main() -> None:
         "ratios": {"cache_speedup_fp32": round(r["cache_fp32"] / r["nocache_fp32"], 2),
                    "cache_speedup_bf16": round(r["cache_bf16"] / r["nocache_bf16"], 2),
                    "bf16_speedup_cached": round(r["cache_bf16"] / r["cache_fp32"], 2)},
+        "startup_and_steady_state": startup,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out["ratios"], indent=2))
+    print(json.dumps(startup.get("ratios_vs_example", {}), indent=2))
     for k, v in results.items():
         print(f"{k:14s} {v['images_per_s']:7.1f} img/s  ({v['median_step_s'] * 1000:.0f} ms/step)")
 
