@@ -132,3 +132,42 @@ def test_autoencoder_run_continues_exactly_after_an_interruption(micro_model, tm
     assert steps == [0, 2, 4]
     with pytest.raises(UserError, match="learning_rate"):
         main(cfg(tmp_path / "stopped", learning_rate=1e-3))
+
+
+def test_a_fresh_autoencoder_with_more_latent_channels_swaps_into_a_model_that_then_trains(
+        micro_model, micro_data, tmp_path):
+    """new_architecture trains a fresh VAE (8 latent channels here; no old latents to anchor to, so
+    anchor_weight must be 0) and gives it SD's latent scale; model.vae puts it into a model, whose UNet
+    gets conv_in/conv_out for 8 channels, trains, saves and draws at the model's size."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from core.config import load_config
+    from tests.conftest import micro_overrides
+    from training.autoencoder import main as train_autoencoder
+    from training.config import AutoencoderConfig, TrainConfig
+    from training.train import main as train
+
+    arch = {"block_out_channels": [32, 32], "latent_channels": 8, "layers_per_block": 1, "norm_num_groups": 8}
+    with pytest.raises(UserError, match="anchor_weight: 0"):
+        train_autoencoder(AutoencoderConfig(base=str(micro_model), output_dir=str(tmp_path / "x"), steps=1,
+                                            new_architecture=arch, held_out=["skimage:coffee"]))
+    micro_vae = AutoencoderKL.from_pretrained(micro_model / "vae")
+    arch["block_out_channels"] = micro_vae.config.block_out_channels  # the same downsampling as the model's
+    arch["norm_num_groups"] = micro_vae.config.norm_num_groups
+    train_autoencoder(AutoencoderConfig(base=str(micro_model), output_dir=str(tmp_path / "ae"), steps=2, batch_size=4,
+                                        eval_every=2, anchor_weight=0.0, new_architecture=arch,
+                                        held_out=["skimage:coffee"]))
+    vae = AutoencoderKL.from_pretrained(tmp_path / "ae" / "vae")
+    assert vae.config.latent_channels == 8 and vae.config.scaling_factor != 1.0
+
+    out = tmp_path / "run"
+    train(load_config(TrainConfig, None, micro_overrides(micro_model, micro_data, out, 2)
+                      + [f"model.vae={tmp_path / 'ae' / 'vae'}"]))
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None)
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8 == pipe.vae.config.latent_channels
+    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    img = pipe("a red circle", num_inference_steps=2, height=size, width=size, output_type="np").images[0]
+    assert img.shape == (size, size, 3)
+    with pytest.raises(UserError, match="not an AutoencoderKL folder"):
+        train(load_config(TrainConfig, None, micro_overrides(micro_model, micro_data, tmp_path / "bad", 2)
+                          + [f"model.vae={tmp_path}"]))

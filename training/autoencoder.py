@@ -153,6 +153,8 @@ def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
             m = {"step": step, "wall_s": round(time.time() - t0, 1), **evaluate(vae, old, sets)}
             if m["psnr_photos"] > best["psnr_photos"] or best["step"] == 0:
                 best = m
+                if cfg.new_architecture:  # a new latent space: SD's rule, 1 / std of its latents
+                    vae.register_to_config(scaling_factor=_latent_scale(vae, sets))
                 tmp = out / "vae.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 vae.save_pretrained(tmp, safe_serialization=True)
@@ -163,6 +165,16 @@ def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
         if step == stop_at:
             break
     return best
+
+
+@torch.no_grad()
+def _latent_scale(vae, sets: dict) -> float:
+    """1 / std of the latents (posterior means) of the held-out photos and the synthetic scenes."""
+    vae.eval()
+    z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean  # the mean: no draw from the training RNG
+                   for x in (sets["photos"], sets["synthetic"]) for i in range(0, len(x), 64)])
+    vae.train()
+    return round(float(1.0 / z.std()), 6)
 
 
 def _latent_shape(vae) -> tuple[int, int]:

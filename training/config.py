@@ -49,6 +49,10 @@ class ModelConfig(Strict):
     """Preset name (tiny, micro), diffusers model dir, or hub id (SD 1.x/2.x) to start from."""
     resolution: int | None = None
     """Training resolution; default: the model's native size."""
+    vae: str | None = None
+    """An AutoencoderKL folder that replaces the model's VAE (e.g. one made by ``t2i train-autoencoder``).
+    When its latent channels differ from the UNet's, the UNet's first and last convolutions are
+    rebuilt for them (the rest keeps its weights) and the UNet has to be re-adapted: train it."""
 
 
 class TrainArgs(Strict):

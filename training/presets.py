@@ -206,3 +206,32 @@ def load_components(model: str, cache_dir: str | Path | None = None) -> Componen
     noise_scheduler = DDPMScheduler.from_config(sched_cfg)
     return Components(tokenizer, text_encoder.float(), vae.float(), unet.float(), noise_scheduler,
                       dict(sched_cfg), path)
+
+
+def swap_vae(comps: Components, vae_dir: str | Path) -> str:
+    """Puts the AutoencoderKL at ``vae_dir`` in place of ``comps.vae``; when its latent channels differ
+    from the UNet's, rebuilds the UNet's conv_in (fresh) and conv_out (zeros: the UNet starts by
+    predicting 0) for them. Returns a line that says what changed."""
+    path = Path(vae_dir)
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.vae {vae_dir}: not an AutoencoderKL folder (no config.json)")
+    try:
+        vae = AutoencoderKL.from_pretrained(path, use_safetensors=True).float()
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.vae {vae_dir}: could not load it ({str(e).splitlines()[0][:200]})") from None
+    if vae_scale(vae.config) != vae_scale(comps.vae.config):
+        raise UserError(f"model.vae {vae_dir} downsamples {vae_scale(vae.config)}x, the model's VAE "
+                        f"{vae_scale(comps.vae.config)}x: the UNet's sample size would change; use a VAE with the same factor")
+    unet, c = comps.unet, vae.config.latent_channels
+    note = f"VAE replaced by {vae_dir}"
+    if unet.config.in_channels != c or unet.config.out_channels != c:
+        old_in, old_out = unet.conv_in, unet.conv_out
+        unet.conv_in = torch.nn.Conv2d(c, old_in.out_channels, old_in.kernel_size, padding=old_in.padding)
+        unet.conv_out = torch.nn.Conv2d(old_out.in_channels, c, old_out.kernel_size, padding=old_out.padding)
+        torch.nn.init.zeros_(unet.conv_out.weight)
+        torch.nn.init.zeros_(unet.conv_out.bias)
+        unet.register_to_config(in_channels=c, out_channels=c)
+        note += (f"; its latents have {c} channels, so the UNet's conv_in/conv_out were rebuilt for them "
+                 "(the UNet must be trained to use the new latent space)")
+    comps.vae = vae
+    return note

@@ -95,6 +95,10 @@ class Run:
         # a preset or the synthetic dataset is rendered once, by the main process; the others wait for it
         with PartialState(cpu=cpu).main_process_first():
             comps = load_components(cfg.model.pretrained, cache_dir=self.out.parent / ".presets")
+            if cfg.model.vae:
+                from training.presets import swap_vae
+
+                print(swap_vae(comps, cfg.model.vae))
             self.resolution = cfg.model.resolution or comps.resolution
             check_resolution(comps, self.resolution)
             v_prediction = (t.prediction_type or comps.noise_scheduler.config.prediction_type) == "v_prediction"
