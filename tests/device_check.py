@@ -30,7 +30,8 @@ class NeedsData(Exception):
 
 _T = torch.Tensor
 _READS = {_T.item, _T.tolist, _T.numpy, _T.__float__, _T.__int__, _T.__bool__, _T.__index__, _T.__array__}
-_MOVES = {_T.to, _T.cpu, _T.copy_, _T.__getitem__, _T.__setitem__, _T.index_put_, _T.type_as}
+_MOVES = {_T.to, _T.cpu, _T.copy_, _T.type_as, _T.new_tensor, _T.expand_as, _T.view_as, _T.reshape_as}
+_INDEXING = {_T.__getitem__, _T.__setitem__, _T.index_put_}
 
 
 def _name(func) -> str:
@@ -44,13 +45,20 @@ class _Strict(TorchFunctionMode):
         on_meta = any(t.device.type == "meta" for t in tensors)
         if on_meta and (func in _READS or (func in (_T.cpu,) or _moves_to_cpu(func, args, kwargs))):
             raise NeedsData(_name(func))
-        if func not in _MOVES:
-            devices = {t.device.type for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+        if func in _INDEXING:  # CUDA takes CPU indices into a CUDA tensor, not CUDA indices into a CPU one
+            base = args[0]
+            if base.device.type == "cpu" and any(t.device.type != "cpu" for t in tensors[1:] if t.dim() > 0):
+                raise DeviceMismatch(f"{_name(func)}: a CPU tensor indexed with tensors on another device")
+        elif func not in _MOVES:
+            devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
             if len(devices) > 1:
-                raise DeviceMismatch(f"{_name(func)} got tensors on {sorted(devices)}")
-            gen, dev = kwargs.get("generator"), kwargs.get("device")
-            if gen is not None and dev is not None and torch.device(dev).type != gen.device.type:
-                raise DeviceMismatch(f"{_name(func)} draws on {dev} with a {gen.device.type} generator")
+                raise DeviceMismatch(f"{_name(func)} got tensors on {sorted(str(d) for d in devices)}")
+        gen = kwargs.get("generator")
+        if gen is not None:  # a generator draws on its own device only
+            dev = kwargs.get("device")
+            where = {torch.device(dev).type} if dev is not None else {t.device.type for t in tensors}
+            if where and where != {gen.device.type}:
+                raise DeviceMismatch(f"{_name(func)} draws on {sorted(where)} with a {gen.device.type} generator")
         return func(*args, **kwargs)
 
 

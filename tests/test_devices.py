@@ -19,6 +19,11 @@ def test_the_check_refuses_what_cuda_refuses_and_allows_what_it_allows():
     with pytest.raises(DeviceMismatch, match="generator"):
         with strict_devices():
             torch.randn(2, device=META, generator=torch.Generator("cpu"))
+    with pytest.raises(DeviceMismatch, match="generator"):
+        with strict_devices():
+            x.normal_(generator=torch.Generator("cpu"))
+    with pytest.raises(DeviceMismatch, match="indexed"):
+        runs_on_one_device(lambda: torch.zeros(4)[torch.tensor([0, 1], device=META)])
 
 
 def _run_on_meta(micro_model, micro_data, tmp_path, monkeypatch, *extra):

@@ -16,6 +16,7 @@ def test_the_vae_stage_and_a_cached_unet_stage_train_and_sample_on_the_gpu(micro
     from training.train import main
 
     for name, extra in (("vae", ["train.what=vae", "train.ema_decay=null"]),
+                        ("lazy", ["train.mixed_precision=bf16", "train.cache=true", "data.flip=true"]),
                         ("unet", ["train.mixed_precision=bf16", "train.cache=true", "train.cache_fill=upfront"])):
         out = tmp_path / name
         report = main(load_config(TrainConfig, None, micro_overrides(micro_model, micro_data, out, 2) + extra))

@@ -168,6 +168,9 @@ def test_a_fresh_autoencoder_with_more_latent_channels_swaps_into_a_model_that_t
     size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     img = pipe("a red circle", num_inference_steps=2, height=size, width=size, output_type="np").images[0]
     assert img.shape == (size, size, 3)
+    with pytest.raises(UserError, match="train.what=unet"):
+        train(load_config(TrainConfig, None, micro_overrides(micro_model, micro_data, tmp_path / "lora", 2)
+                          + [f"model.vae={tmp_path / 'ae' / 'vae'}", "train.what=lora"]))
     with pytest.raises(UserError, match="not an AutoencoderKL folder"):
         train(load_config(TrainConfig, None, micro_overrides(micro_model, micro_data, tmp_path / "bad", 2)
                           + [f"model.vae={tmp_path}"]))

@@ -187,6 +187,9 @@ def _fresh_vae(old, cfg: AutoencoderConfig):
 
     arch = cfg.new_architecture
     n = len(arch.block_out_channels)
+    if cfg.decoder_only:
+        raise UserError("decoder_only would freeze the randomly initialised encoder of new_architecture; "
+                        "set decoder_only: false")
     if any(c % arch.norm_num_groups for c in arch.block_out_channels):
         raise UserError(f"new_architecture.norm_num_groups {arch.norm_num_groups} must divide every "
                         f"block_out_channels entry {arch.block_out_channels}")
@@ -228,8 +231,9 @@ def _resume(path: Path, cfg: AutoencoderConfig, vae, opt, sched, rng) -> tuple[i
     state = _load_state(path / "state.safetensors")
     same = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "eval_every"}
     was = {k: v for k, v in state["config"].items() if k != "eval_every"}
-    if same != was:
-        diff = sorted(k for k in same.keys() | was.keys() if same.get(k) != was.get(k))
+    # a setting added to the code since the run started is absent from its state: absent = null
+    diff = sorted(k for k in same.keys() | was.keys() if same.get(k) != was.get(k))
+    if diff:
         raise UserError(f"{path} was written by a run with other settings ({', '.join(diff)}); "
                         f"use the same config to continue it, or delete {path} (or set output_dir) to start over")
     vae.load_state_dict(read_safetensors(path / "vae.safetensors")[0])

@@ -208,10 +208,10 @@ def load_components(model: str, cache_dir: str | Path | None = None) -> Componen
                       dict(sched_cfg), path)
 
 
-def swap_vae(comps: Components, vae_dir: str | Path) -> str:
+def swap_vae(comps: Components, vae_dir: str | Path) -> tuple[str, bool]:
     """Puts the AutoencoderKL at ``vae_dir`` in place of ``comps.vae``; when its latent channels differ
     from the UNet's, rebuilds the UNet's conv_in (fresh) and conv_out (zeros: the UNet starts by
-    predicting 0) for them. Returns a line that says what changed."""
+    predicting 0) for them. Returns (a line that says what changed, whether they were rebuilt)."""
     path = Path(vae_dir)
     if not (path / "config.json").is_file():
         raise UserError(f"model.vae {vae_dir}: not an AutoencoderKL folder (no config.json)")
@@ -224,7 +224,8 @@ def swap_vae(comps: Components, vae_dir: str | Path) -> str:
                         f"{vae_scale(comps.vae.config)}x: the UNet's sample size would change; use a VAE with the same factor")
     unet, c = comps.unet, vae.config.latent_channels
     note = f"VAE replaced by {vae_dir}"
-    if unet.config.in_channels != c or unet.config.out_channels != c:
+    rebuilt = unet.config.in_channels != c or unet.config.out_channels != c
+    if rebuilt:
         old_in, old_out = unet.conv_in, unet.conv_out
         unet.conv_in = torch.nn.Conv2d(c, old_in.out_channels, old_in.kernel_size, padding=old_in.padding)
         unet.conv_out = torch.nn.Conv2d(old_out.in_channels, c, old_out.kernel_size, padding=old_out.padding)
@@ -234,4 +235,4 @@ def swap_vae(comps: Components, vae_dir: str | Path) -> str:
         note += (f"; its latents have {c} channels, so the UNet's conv_in/conv_out were rebuilt for them "
                  "(the UNet must be trained to use the new latent space)")
     comps.vae = vae
-    return note
+    return note, rebuilt

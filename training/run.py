@@ -1,8 +1,8 @@
 """The state of one training run, built completely in one place (``Run(cfg)``).
 
 Everything that can fail on bad input (model, resolution, dataset, checkpoint) is checked before
-the run folder is touched. Frozen parts (VAE, text encoder) are run once up front and their
-outputs cached (kohya / SimpleTuner's main speed lever).
+the run folder is touched. Frozen parts (VAE, text encoder) run once per image / caption and their
+outputs are cached (kohya / SimpleTuner's main speed lever), as the first epoch's batches need them.
 """
 from __future__ import annotations
 
@@ -98,7 +98,14 @@ class Run:
             if cfg.model.vae:
                 from training.presets import swap_vae
 
-                print(swap_vae(comps, cfg.model.vae))
+                with torch.random.fork_rng():  # the rebuilt conv_in is the same for the same seed
+                    torch.manual_seed(t.seed)
+                    note, rebuilt = swap_vae(comps, cfg.model.vae)
+                if rebuilt and t.what != "unet":
+                    raise UserError(f"model.vae has other latent channels than the model's UNet, whose first and "
+                                    f"last convolutions are new: train.what=unet trains them; with train.what="
+                                    f"{t.what} they would stay untrained")
+                print(note)
             self.resolution = cfg.model.resolution or comps.resolution
             check_resolution(comps, self.resolution)
             v_prediction = (t.prediction_type or comps.noise_scheduler.config.prediction_type) == "v_prediction"
