@@ -273,10 +273,7 @@ class Run:
     def _fill_latents(self, b: int) -> None:
         lo, hi = b * self.lat_chunk, min((b + 1) * self.lat_chunk, self.lat_rows)
         rows = torch.arange(lo, hi)
-        n = len(self.pixels)
-        flip = rows >= n
-        x = self.pixels[rows % n].clone()
-        x[flip] = x[flip].flip(2)  # NHWC: dimension 2 is the width
+        x = self._pixels((rows % len(self.pixels)).numpy(), rows >= len(self.pixels))  # rows >= n: mirror images
         on_gpu = self.acc.device.type == "cuda"
         with self.acc.autocast() if on_gpu else contextlib.nullcontext():  # bf16/fp16 encode on a GPU
             m, s = self.model.encode_images(to_pixels(x).to(self.acc.device))
