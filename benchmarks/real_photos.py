@@ -38,7 +38,7 @@ from core.sampling import GenerationRequest, load_generator  # noqa: E402
 from training.photos import packaged_photos  # noqa: E402
 
 CLASSES = {"cat": "skimage:chelsea", "astronaut": "skimage:astronaut", "coffee": "skimage:coffee",
-           "rocket": "skimage:rocket", "motorcycle": "skimage:motorcycle_left", "temple": "sklearn:china.jpg",
+           "rocket": "skimage:rocket", "clock": "skimage:clock", "temple": "sklearn:china.jpg",
            "flower": "sklearn:flower.jpg", "coins": "skimage:coins", "moon": "skimage:moon",
            "cameraman": "skimage:camera"}
 SIZE = 64
