@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.images import image_grid  # noqa: E402
 from core.io import save_image, write_json  # noqa: E402
+from core.quiet import quiet_libraries  # noqa: E402
 from core.sampling import GenerationRequest, load_generator  # noqa: E402
 from training.photos import packaged_photos  # noqa: E402
 
@@ -157,6 +158,7 @@ def main() -> None:
     ap.add_argument("--grid", default="docs/real-photos-before-after.png")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    quiet_libraries()
     work = Path(a.work)
     data = work / "data"
     t0 = time.time()

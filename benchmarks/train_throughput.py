@@ -80,6 +80,29 @@ def clocked(name: str, cmd: list[str], work: Path) -> dict:
     return {"first_step_s": round(stamps[0], 2), "median_step_s": round(med, 4), "images_per_s": round(16 / med, 2)}
 
 
+def example_imports(script: Path) -> str:
+    """The example script's top-level imports as code (torchvision's left out when it cannot load here)."""
+    import ast
+
+    tree = ast.parse(script.read_text())
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    tv = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True).returncode
+    if tv != 0:
+        keep = [n for n in keep if "torchvision" not in ast.unparse(n)]
+    return "\n".join(ast.unparse(n) for n in keep)
+
+
+def time_imports(code: str, example: Path) -> float:
+    """Seconds from a fresh process's start (after the interpreter) to the end of ``code``, timed like
+    step_clock.py times a trainer."""
+    prog = f"import time\nT0 = time.perf_counter()\n{code}\nprint(time.perf_counter() - T0)"
+    res = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True,
+                         cwd=example / "examples" / "text_to_image")
+    if res.returncode:
+        raise SystemExit(f"the example's imports failed: {res.stderr.strip()[-500:]}")
+    return round(float(res.stdout.strip().splitlines()[-1]), 2)
+
+
 def startup_comparison(model: Path, work: Path, example: Path | None, rounds: int) -> dict:
     from synthetic.dataset import generate_dataset
 
@@ -89,33 +112,46 @@ def startup_comparison(model: Path, work: Path, example: Path | None, rounds: in
             "logging.sample_every=0", "checkpoint.every=100000", "train.learning_rate=1e-4"]
     peers = {"ours_lazy_cache": ours + [f"output_dir={work / 'o1'}", "train.cache_fill=lazy"],
              "ours_upfront_cache": ours + [f"output_dir={work / 'o2'}", "train.cache_fill=upfront"]}
-    commit = None
+    commit, floor_code, example_missing = None, None, None
     if example is not None:
         script = example / "examples" / "text_to_image" / "train_text_to_image.py"
         if not script.is_file():
             raise SystemExit(f"--example {example}: no examples/text_to_image/train_text_to_image.py there")
-        probe = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True, text=True)
-        if probe.returncode != 0:  # the example's data pipeline; PyPI's torchvision wheels are CUDA builds
-            raise SystemExit("the diffusers example needs torchvision built for this torch "
-                             f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'not importable'}); "
-                             "on a CPU-only torch install the matching CPU wheel (download.pytorch.org/whl/cpu)")
         commit = subprocess.run(["git", "-C", str(example), "rev-parse", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or None
-        peers["diffusers_example"] = [
-            str(script), f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", "--resolution=64",
-            "--train_batch_size=16", "--max_train_steps=1000", "--learning_rate=1e-4", "--lr_warmup_steps=0",
-            "--mixed_precision=no", "--random_flip", "--dataloader_num_workers=0", "--checkpointing_steps=100000",
-            "--report_to=tensorboard", f"--output_dir={work / 'ex'}"]
+        floor_code = example_imports(script)
+        probe = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True, text=True)
+        if probe.returncode != 0:  # the example's data pipeline; PyPI's torchvision wheels are CUDA builds
+            example_missing = ("the diffusers example needs torchvision built for this torch "
+                               f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'not importable'}); "
+                               "on a CPU-only torch install the matching CPU wheel (download.pytorch.org/whl/cpu)")
+            print(f"{example_missing}: only its imports are timed", flush=True)
+        else:
+            peers["diffusers_example"] = [
+                str(script), f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}",
+                "--resolution=64", "--train_batch_size=16", "--max_train_steps=1000", "--learning_rate=1e-4",
+                "--lr_warmup_steps=0", "--mixed_precision=no", "--random_flip", "--dataloader_num_workers=0",
+                "--checkpointing_steps=100000", "--report_to=tensorboard", f"--output_dir={work / 'ex'}"]
     runs: dict[str, list[dict]] = {k: [] for k in peers}
+    floors: list[float] = []
     for r in range(rounds):
         for name, cmd in peers.items():
             runs[name].append(clocked(name, cmd, work))
             print(f"round {r + 1} {name:20s} first step {runs[name][-1]['first_step_s']:5.1f} s, "
                   f"{runs[name][-1]['images_per_s']:5.1f} img/s", flush=True)
+        if floor_code is not None:
+            floors.append(time_imports(floor_code, example))
+            print(f"round {r + 1} the example's imports alone {floors[-1]:5.1f} s", flush=True)
     summary = {k: {"first_step_s": statistics.median(x["first_step_s"] for x in v),
                    "images_per_s": statistics.median(x["images_per_s"] for x in v), "runs": v} for k, v in runs.items()}
     out = {"images": 2000, "flip": True, "steps_clocked": CLOCK_STEPS, "steady_state_window": [CLOCK_STEPS // 2, CLOCK_STEPS],
            "diffusers_example_commit": commit, "results": summary}
+    if floors:  # the example cannot reach its first step before its own imports are done
+        out["diffusers_example_imports_s"] = {"median": round(statistics.median(floors), 2), "runs": floors,
+                                              "without": "torchvision" if example_missing else None,
+                                              "example_not_run": example_missing}
+        out["startup_vs_example_imports"] = {k: round(v["first_step_s"] / statistics.median(floors), 2)
+                                             for k, v in summary.items() if k != "diffusers_example"}
     if "diffusers_example" in summary:
         ex = summary["diffusers_example"]
         out["ratios_vs_example"] = {k: {"startup": round(v["first_step_s"] / ex["first_step_s"], 2),
@@ -132,6 +168,8 @@ def main() -> None:
     ap.add_argument("--example", type=Path, default=None,
                     help="a diffusers git checkout: its train_text_to_image.py example is run as a peer")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the start-up comparison")
+    ap.add_argument("--startup-only", action="store_true",
+                    help="only the start-up comparison (written to --out; the throughput table is skipped)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -142,8 +180,16 @@ def main() -> None:
                     ("nocache_fp32", ["train.cache=false", "train.mixed_precision=no"]),
                     ("cache_bf16", ["train.cache=true", "train.mixed_precision=bf16", up]),
                     ("nocache_bf16", ["train.cache=false", "train.mixed_precision=bf16"])]
+        if args.startup_only:
+            settings = []
         results = {n: measure(model, data, work, n, o, args.steps, args.warmup) for n, o in settings}
         startup = startup_comparison(model, work, args.example, args.rounds)
+    if args.startup_only:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"benchmark": "train_startup", "torch": torch.__version__,
+                                              "startup_and_steady_state": startup}, indent=2))
+        print(json.dumps({k: startup.get(k) for k in ("startup_vs_example_imports", "ratios_vs_example")}, indent=2))
+        return
     r = {k: v["images_per_s"] for k, v in results.items()}
     out = {
         "benchmark": "train_throughput", "preset": "tiny", "batch_size": 16, "resolution": 64,
