@@ -33,6 +33,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from core.config import load_config  # noqa: E402
+from core.io import write_json  # noqa: E402
 from synthetic.dataset import generate_dataset  # noqa: E402
 from training.presets import build_preset  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -80,16 +81,12 @@ def clocked(name: str, cmd: list[str], work: Path) -> dict:
     return {"first_step_s": round(stamps[0], 2), "median_step_s": round(med, 4), "images_per_s": round(16 / med, 2)}
 
 
-def example_imports(script: Path) -> str:
+def example_imports(script: Path, without_torchvision: bool) -> str:
     """The example script's top-level imports as code (torchvision's left out when it cannot load here)."""
     import ast
 
-    tree = ast.parse(script.read_text())
-    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    tv = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True).returncode
-    if tv != 0:
-        keep = [n for n in keep if "torchvision" not in ast.unparse(n)]
-    return "\n".join(ast.unparse(n) for n in keep)
+    keep = [n for n in ast.parse(script.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return "\n".join(ast.unparse(n) for n in keep if not (without_torchvision and "torchvision" in ast.unparse(n)))
 
 
 def time_imports(code: str, example: Path) -> float:
@@ -119,8 +116,8 @@ def startup_comparison(model: Path, work: Path, example: Path | None, rounds: in
             raise SystemExit(f"--example {example}: no examples/text_to_image/train_text_to_image.py there")
         commit = subprocess.run(["git", "-C", str(example), "rev-parse", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or None
-        floor_code = example_imports(script)
         probe = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True, text=True)
+        floor_code = example_imports(script, without_torchvision=probe.returncode != 0)
         if probe.returncode != 0:  # the example's data pipeline; PyPI's torchvision wheels are CUDA builds
             example_missing = ("the diffusers example needs torchvision built for this torch "
                                f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'not importable'}); "
@@ -186,8 +183,8 @@ def main() -> None:
         startup = startup_comparison(model, work, args.example, args.rounds)
     if args.startup_only:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"benchmark": "train_startup", "torch": torch.__version__,
-                                              "startup_and_steady_state": startup}, indent=2))
+        write_json(args.out, {"benchmark": "train_startup", "torch": torch.__version__,
+                              "startup_and_steady_state": startup})
         print(json.dumps({k: startup.get(k) for k in ("startup_vs_example_imports", "ratios_vs_example")}, indent=2))
         return
     r = {k: v["images_per_s"] for k, v in results.items()}
