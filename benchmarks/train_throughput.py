@@ -9,9 +9,15 @@ start-up (process start to the first step's backward) and steady state (median s
 40-80) of `t2i train` (caches filled lazily, and up front) against diffusers'
 examples/text_to_image/train_text_to_image.py when a diffusers checkout is given (--example; the
 script is run from there, pinned by its commit, never copied here); runs alternate, 2 rounds.
+The example needs torchvision, whose PyPI wheels load only next to a CUDA build of torch:
+benchmarks/peer_env.sh makes an environment with one (it runs on a CPU too) and the product's
+other packages at .venv's versions; run this script with that environment's Python so both
+trainers use the same torch.
 
     .venv/bin/python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json \
         [--example /path/to/diffusers-checkout]
+    bash benchmarks/peer_env.sh .peer-venv && .peer-venv/bin/python benchmarks/train_throughput.py \
+        --startup-only --example /path/to/diffusers-checkout --out benchmarks/results/train_startup.json
 """
 from __future__ import annotations
 
@@ -121,7 +127,7 @@ def startup_comparison(model: Path, work: Path, example: Path | None, rounds: in
         if probe.returncode != 0:  # the example's data pipeline; PyPI's torchvision wheels are CUDA builds
             example_missing = ("the diffusers example needs torchvision built for this torch "
                                f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'not importable'}); "
-                               "on a CPU-only torch install the matching CPU wheel (download.pytorch.org/whl/cpu)")
+                               "benchmarks/peer_env.sh makes an environment where it runs")
             print(f"{example_missing}: only its imports are timed", flush=True)
         else:
             peers["diffusers_example"] = [

@@ -240,18 +240,26 @@ class Run:
     # ---------------------------------------------------------------- caching
     # The caches fill as batches need them (train.cache_fill=lazy): training starts as soon as the model
     # and data are loaded, and the encoding is paid during the first epoch instead of before step 1.
-    # Rows are encoded in fixed blocks (rows b*chunk .. (b+1)*chunk-1), never in the order batches ask
-    # for them, so a cached value is the same bits whichever step first needed it (exact resume).
+    # Rows are encoded in fixed blocks, never in the order batches ask for them, so a cached value is the
+    # same bits whichever step first needed it (exact resume). The blocks follow the first epoch's order
+    # (block b holds that epoch's images b*chunk .. (b+1)*chunk-1, their mirror images in blocks of their
+    # own; captions by first appearance), so a batch of the first epoch encodes its own images and
+    # captions, one or two blocks of each, and little else.
     def build_caches(self) -> None:
         t = self.cfg.train
         on_gpu = self.acc.device.type == "cuda"
+        first_epoch = self.epoch_order(0)
         if self.cache_latents:  # with data.flip, each image's mirror image is cached behind the originals
-            self.lat_rows = len(self.pixels) * (2 if self.cfg.data.flip else 1)
+            n = len(self.pixels)
+            self.lat_rows = n * (2 if self.cfg.data.flip else 1)
             self.lat_chunk = t.cache_batch_size or (8 if on_gpu else 16)
+            self.lat_order = torch.as_tensor(np.concatenate([first_epoch + k * n for k in range(self.lat_rows // n)]))
+            self.lat_block = torch.empty(self.lat_rows, dtype=torch.long)  # row -> its block
+            self.lat_block[self.lat_order] = torch.arange(self.lat_rows) // self.lat_chunk
             self.lat_done = torch.zeros((self.lat_rows + self.lat_chunk - 1) // self.lat_chunk, dtype=torch.bool)
             self.lat_mean = self.lat_std = None
         if self.cache_text:
-            uniq = sorted(set(self.data.captions) | {""})
+            uniq = list(dict.fromkeys([""] + [self.data.captions[i] for i in first_epoch]))
             self.caption_index = {c: i for i, c in enumerate(uniq)}
             self.captions_uniq = uniq
             self.text_done = torch.zeros((len(uniq) + TEXT_CHUNK - 1) // TEXT_CHUNK, dtype=torch.bool)
@@ -271,8 +279,7 @@ class Run:
 
     @torch.no_grad()
     def _fill_latents(self, b: int) -> None:
-        lo, hi = b * self.lat_chunk, min((b + 1) * self.lat_chunk, self.lat_rows)
-        rows = torch.arange(lo, hi)
+        rows = self.lat_order[b * self.lat_chunk:(b + 1) * self.lat_chunk]
         x = self._pixels((rows % len(self.pixels)).numpy(), rows >= len(self.pixels))  # rows >= n: mirror images
         on_gpu = self.acc.device.type == "cuda"
         with self.acc.autocast() if on_gpu else contextlib.nullcontext():  # bf16/fp16 encode on a GPU
@@ -280,8 +287,8 @@ class Run:
         if self.lat_mean is None:
             self.lat_mean = torch.empty(self.lat_rows, *m.shape[1:], device=m.device)
             self.lat_std = torch.empty_like(self.lat_mean)
-        self.lat_mean[lo:hi] = m.float()
-        self.lat_std[lo:hi] = s.float()
+        self.lat_mean[rows] = m.float()
+        self.lat_std[rows] = s.float()
         self.lat_done[b] = True
 
     @torch.no_grad()
@@ -293,7 +300,7 @@ class Run:
         self.text_done[b] = True
 
     def cached_latents(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for b in torch.unique(rows // self.lat_chunk).tolist():
+        for b in torch.unique(self.lat_block[rows]).tolist():
             if not self.lat_done[b]:
                 self._fill_latents(b)
         return self.lat_mean[rows], self.lat_std[rows]
@@ -306,11 +313,15 @@ class Run:
         return self.text_cache[ids]
 
     # ---------------------------------------------------------------- data order
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The order an epoch visits the images in; a pure function of the seed and epoch."""
+        return np.random.default_rng(self.cfg.train.seed + epoch).permutation(len(self.data.captions))
+
     def batch_indices(self, micro_step: int) -> np.ndarray:
         """Indices of this process's micro-batch; a pure function of the step (exact resume)."""
         t = self.cfg.train
         epoch, k = divmod(micro_step, self.steps_per_epoch)
-        perm = np.random.default_rng(t.seed + epoch).permutation(len(self.data.captions))
+        perm = self.epoch_order(epoch)
         per = t.batch_size * self.acc.num_processes
         glob = perm[k * per:(k + 1) * per]
         return glob[self.acc.process_index::self.acc.num_processes]
