@@ -1,4 +1,4 @@
-"""Training throughput of the `tiny` preset at batch 16 on this machine, written as JSON.
+r"""Training throughput of the `tiny` preset at batch 16 on this machine, written as JSON.
 
 Compares, in one run (ratios are what to read on a shared, noisy machine):
   cache on  (latents + text embeddings computed once; VAE and text encoder frozen)
@@ -205,7 +205,7 @@ def main() -> None:
         "startup_and_steady_state": startup,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_json(args.out, out)
     print(json.dumps(out["ratios"], indent=2))
     print(json.dumps(startup.get("ratios_vs_example", {}), indent=2))
     for k, v in results.items():
