@@ -3,13 +3,31 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import Strict
 
 # Variants built when none are named: every one; those the hardware cannot run are skipped with a reason.
 DEFAULT_VARIANTS = ["eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-bnb", "compile",
                     "onnx-fp32", "onnx-fp16", "onnx-int8"]
+
+
+class ReferenceData(Strict):
+    """A dataset whose images the variants' FID is measured against (and whose captions are the
+    quality prompts unless ``prompts`` is set)."""
+
+    path: str
+    """Dataset folder (images with captions in metadata.jsonl, metadata.csv or side-car .txt files, as
+    ``t2i train`` reads them) or a hub dataset id (online)."""
+    image_column: str = "image"
+    """Column holding the image."""
+    caption_column: str = "text"
+    """Column holding the caption."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, v):  # `references: data/mine` means {path: data/mine}
+        return {"path": v} if isinstance(v, str) else v
 
 
 class ExportConfig(Strict):
@@ -49,3 +67,13 @@ class ExportConfig(Strict):
     """cpu or cuda (default: cuda where available)."""
     seed: int = 0
     """Prompt-set seed."""
+    prompts: str | None = None
+    """Text file with one quality prompt per line (default: the references' captions when references are
+    given, else a fixed set drawn from the synthetic world's caption grammar)."""
+    references: ReferenceData | None = None
+    """Real images the FID drift is measured against, e.g. the fine-tune's own dataset (a path or a hub id,
+    or {path, image_column, caption_column}). A model of real images needs them: the default references
+    are renders of the synthetic world, and prompts outside that world have no render. The pipeline
+    uses the training data when it is not synthetic. Prompt adherence is scored only on prompts of the
+    synthetic world; with none, the adherence budget does not apply."""
+

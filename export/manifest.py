@@ -133,7 +133,10 @@ class Quality(_OmitNone):
     features: str
     """FID feature extractor used: inception or domain."""
     fid: float
-    """FID against reference renders of the prompts."""
+    """FID against the reference images: renders of the prompts' scenes, or the export's references
+    dataset (``config.references``)."""
+    reference_images: int | None = None
+    """Images in the FID reference set."""
     fid_drift: float
     """fid minus the baseline's fid."""
     fid_drift_pct: float
@@ -146,10 +149,11 @@ class Quality(_OmitNone):
     """SSIM against the baseline's images."""
     mean_abs_px_diff: float
     """Mean absolute pixel difference from the baseline's images (0-255)."""
-    adherence: float
-    """Prompt adherence (shape and colour right), %."""
-    adherence_drop: float
-    """Baseline adherence minus this variant's, points."""
+    adherence: float | None = None
+    """Prompt adherence (shape and colour right), %; absent when no quality prompt is of the synthetic
+    world (the domain classifier cannot read other images), and the adherence budget does not apply."""
+    adherence_drop: float | None = None
+    """Baseline adherence minus this variant's, points (absent with adherence)."""
     within_tolerance: bool
     """mean_abs_px_diff <= tolerance_px."""
     fid_drift_pct_ci: list[float] | None = None

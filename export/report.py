@@ -74,10 +74,16 @@ def bench_table(manifest: ExportManifest) -> str:
         mark = " (selected)" if n == manifest.selected else ""
         lines.append(f"| {n}{mark} | " + " | ".join(cells) + f" | {speed} | {lat[b1].unet_step_ms:.1f} | "
                      f"{bench.load_s:.1f} | {bench.warmup_s:.1f} | {bench.peak_rss_mb:.0f} ({bench.variant_rss_mb or 0:.0f}) | "
-                     f"{e.size_mb:.1f} | {q.fid:.2f} | {q.fid_drift_pct:+.1f}{_ci(q.fid_drift_pct_ci)} | {q.adherence:.1f} "
-                     f"({-q.adherence_drop:+.1f}{_ci(q.adherence_drop_ci, -1)}) | {q.psnr_db_median:.1f} | {q.ssim:.3f} | "
+                     f"{e.size_mb:.1f} | {q.fid:.2f} | {q.fid_drift_pct:+.1f}{_ci(q.fid_drift_pct_ci)} | {_adherence(q)} | "
+                     f"{q.psnr_db_median:.1f} | {q.ssim:.3f} | "
                      f"{'yes' if e.within_budget else 'no'} |")
     return "\n".join(lines)
+
+
+def _adherence(q) -> str:
+    if q.adherence is None:
+        return "not measured"
+    return f"{q.adherence:.1f} ({-q.adherence_drop:+.1f}{_ci(q.adherence_drop_ci, -1)})"
 
 
 def _ci(ci: list[float] | None, sign: int = 1) -> str:
@@ -89,25 +95,39 @@ def _ci(ci: list[float] | None, sign: int = 1) -> str:
 
 def resolution(manifest: ExportManifest) -> str:
     """What the gate can resolve: the median half-width of the variants' intervals."""
-    qs = [e.quality for n, e in manifest.measured().items() if n != manifest.baseline and e.quality.adherence_drop_ci]
+    qs = [e.quality for n, e in manifest.measured().items() if n != manifest.baseline and e.quality.fid_drift_pct_ci]
     if not qs:
         return ""
     half = lambda ci: (ci[1] - ci[0]) / 2  # noqa: E731
     b = manifest.budget
+    adh = [half(q.adherence_drop_ci) for q in qs if q.adherence_drop_ci]
+    widths = (f"+-{np.median(adh):.1f} adherence points and " if adh else "") + \
+        f"+-{np.median([half(q.fid_drift_pct_ci) for q in qs]):.1f}% FID drift"
     return (f"Gate: {b.gate_images} images, {b.resamples} paired bootstrap resamples, {100 * (b.confidence or 0):.0f}% "
             f"intervals; a variant is in budget when its whole interval is. With these images the intervals are "
-            f"+-{np.median([half(q.adherence_drop_ci) for q in qs]):.1f} adherence points and "
-            f"+-{np.median([half(q.fid_drift_pct_ci) for q in qs]):.1f}% FID drift wide (median): smaller "
-            "differences are not resolved.\n\n")
+            f"{widths} wide (median): smaller differences are not resolved.\n\n")
+
+
+def _prompt_source(config: dict) -> str:
+    if config.get("prompts"):
+        return f"prompts from {config['prompts']}"
+    if config.get("references"):
+        return "prompts: the references' captions"
+    return "prompts of the synthetic world"
 
 
 def write_bench_md(manifest: ExportManifest, path: Path) -> None:
     hw, plan, budget, measured = manifest.hardware, manifest.plan, manifest.budget, manifest.measured()
-    features = next(iter(measured.values())).quality.features if measured else "-"
+    q0 = next(iter(measured.values())).quality if measured else None
+    features = q0.features if q0 else "-"
+    refs = manifest.config.get("references")
+    against = (f"FID against {q0.reference_images if q0 and q0.reference_images else 'the'} images of "
+               f"{refs['path']}" if refs else "FID against renders of the prompts' scenes")
     text = (f"# Export benchmark: {manifest.model_dir}\n\n"
             f"Device: {manifest.device} ({hw.cpu}{', ' + hw.gpu if hw.gpu else ''}, {hw.threads} threads). "
             f"Same prompts, seeds, scheduler and {plan.steps} steps for every variant; "
-            f"{plan.num_images} quality images; FID features: {features}.\n"
+            f"{plan.num_images} quality images ({_prompt_source(manifest.config)}); {against}; FID features: "
+            f"{features}.\n"
             f"Budget: FID drift <= {budget.max_fid_drift_pct}%, adherence drop <= "
             f"{budget.max_adherence_drop_pts} pts. Selected: **{manifest.selected}** "
             f"({manifest.selection_reason}).\n\n" + resolution(manifest) + bench_table(manifest) + "\n\n"

@@ -90,15 +90,26 @@ class Pipeline:
                              f"{v['fid_before']} -> {v['fid_after']}" for k, v in s.items())
         return "evaluated"
 
-    def export(self) -> str:
+    def export_config(self):
+        """The export stage's ExportConfig: RUN_DIR/train/model -> RUN_DIR/export, and, when the training
+        data is the user's own (not synthetic), that data as the quality gate's prompts and references."""
         from export.config import ExportConfig
-        from export.export import main as export_main
 
         e = self.cfg.export
         base = {"model": str(self.out / "train" / "model"), "out": str(self.out / "export"),
                 **e.model_dump(exclude_none=True)}
+        data = self.train_cfg.data
+        if e.references is None and data.synthetic is None:
+            base["references"] = {"path": data.path, "image_column": data.image_column,
+                                  "caption_column": data.caption_column}
+        return ExportConfig.model_validate(base)
+
+    def export(self) -> str:
+        from export.export import main as export_main
+
+        cfg = self.export_config()
         shutil.rmtree(self.out / "export", ignore_errors=True)  # variants of a killed run are not trusted
-        manifest = export_main(ExportConfig.model_validate(base))
+        manifest = export_main(cfg)
         return f"selected {manifest.selected} ({manifest.selection_reason})"
 
     def bento(self) -> str:

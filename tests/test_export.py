@@ -251,6 +251,42 @@ def test_bad_export_input(micro_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_of_real_images_is_gated_on_its_own_data(micro_model, tmp_path):
+    """export.references: the dataset's captions become the quality prompts and its images (any size,
+    side-car captions) the FID references; free prompts without references are refused before anything
+    is built."""
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    captions = [f"a photo of my {w}" for w in ("dog", "cat", "bike", "garden", "kitchen", "car")]
+    for i, cap in enumerate(captions * 2):
+        arr = rng.integers(0, 256, (30 + 7 * i, 48, 3), dtype=np.uint8)  # odd aspect ratios
+        Image.fromarray(arr).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(cap)
+    out = tmp_path / "e"
+    res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32,eager-bf16",
+                  "--references.path", str(data), "--num-images", "6", "--repeats", "1", "--batch-sizes", "1",
+                  "--steps", "2", "--max-fid-drift", "1000", "--max-adherence-drop", "0", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_manifest(out)
+    assert m.config["references"]["path"] == str(data)
+    for e in m.measured().values():
+        assert e.quality.reference_images == 12 and e.quality.adherence is None
+    assert m.selected is not None and "adherence not measured" in m.selection_reason
+    bench = (out / "bench.md").read_text()
+    assert "prompts: the references' captions" in bench and f"12 images of {data}" in bench
+    assert "not measured" in bench
+    free = tmp_path / "prompts.txt"
+    free.write_text("a photo of my dog\na watercolour of a lighthouse\n")
+    res = run_cli("export", str(micro_model), "--out", str(tmp_path / "e2"), "--prompts", str(free),
+                  "--variants", "eager-fp32", "--num-images", "4")
+    assert res.returncode == 2 and "export.references" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "e2").exists()
+
+
+@pytest.mark.slow
 def test_variants_load_as_data_without_unpickling(exported, tmp_path, monkeypatch):
     out, _ = exported
     forbid_unpickling(monkeypatch)

@@ -135,3 +135,33 @@ def test_the_same_model_exported_with_other_benchmark_seeds_selects_the_same_var
         assert m.plan.seed == seed
         chosen.append(m.selected)
     assert chosen[0] is not None and chosen[0] == chosen[1], chosen
+
+
+def test_the_gate_measures_fid_against_given_references_and_leaves_adherence_off_the_world():
+    """A model of real images is gated against the user's own images (the synthetic world's renders say
+    nothing about photos), and prompts the domain classifier cannot read carry no adherence score, so
+    only the FID budget decides."""
+    from evaluation.classifier import load_classifier
+    from evaluation.fid import fid
+    from export.config import ExportConfig
+    from export.export import BASELINE, in_budget, quality
+    from export.manifest import VariantEntry
+
+    rng = np.random.default_rng(0)
+    refs = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    base = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    var = np.clip(base.astype(int) + 40, 0, 255).astype(np.uint8)
+    items = [{"prompt": f"a photo of my dog, take {i}", "scene": None, "split": "all"} for i in range(8)]
+    entries = {n: VariantEntry(status="ok", dir=n, tolerance_px=1.0) for n in (BASELINE, "v")}
+    cfg = ExportConfig(model="m", out="o", features="domain", bootstrap_resamples=20, references="my-photos",
+                       max_fid_drift=1e6, max_adherence_drop=0.0)
+    quality(entries, {BASELINE: base, "v": var}, items, cfg, refs)
+    q = entries["v"].quality
+    assert q.fid == round(fid(var, refs, "domain", load_classifier()), 3) and q.reference_images == 24
+    assert q.adherence is None and q.adherence_drop is None and q.adherence_drop_ci is None
+    assert in_budget(q, cfg)  # a zero adherence budget does not apply where adherence is not measured
+    assert not in_budget(q, cfg.model_copy(update={"max_fid_drift": abs(q.fid_drift_pct) / 2}))
+    # prompts of the synthetic world keep their adherence score against the same references
+    items = [{"prompt": "a red circle on the left", "scene": None, "split": "all"}] * 8
+    quality(entries, {BASELINE: base, "v": var}, items, cfg, refs)
+    assert entries["v"].quality.adherence is not None and entries["v"].quality.adherence_drop_ci is not None

@@ -57,3 +57,14 @@ def test_corrupt_run_records_are_one_line(tmp_path):
     (run / "train" / "train_report.json").write_text(json.dumps({"what": "unet"}) + "x")
     with pytest.raises(UserError, match="corrupt"):
         summary(run)
+
+
+def test_the_export_gate_measures_a_fine_tune_of_the_users_images_on_those_images(tmp_path):
+    """Training data of the user's own (no synthetic: section) become the export's references and
+    quality prompts; a synthetic world keeps its renders; a references setting of the user's wins."""
+    own = _pipeline(tmp_path, "training.data.path=/data/mine", "training.data.caption_column=caption")
+    refs = own.export_config().references
+    assert (refs.path, refs.caption_column) == ("/data/mine", "caption")
+    assert _pipeline(tmp_path, "training.data.synthetic={n: 10}").export_config().references is None
+    chosen = _pipeline(tmp_path, "training.data.path=/data/mine", "export.references=/data/held-out")
+    assert chosen.export_config().references.path == "/data/held-out"
