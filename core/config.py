@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from core.errors import UserError
 
@@ -23,6 +23,24 @@ class Strict(BaseModel):
     """Base for configs: unknown keys are rejected; field docstrings are the documentation."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ReferenceData(Strict):
+    """A dataset whose images FID is measured against (``t2i eval``, the export gate) and whose captions
+    are the prompts unless a prompts file is given: a model of real images is measured on the user's data."""
+
+    path: str
+    """Dataset folder (images with captions in metadata.jsonl, metadata.csv or side-car .txt files, as
+    ``t2i train`` reads them) or a hub dataset id (online)."""
+    image_column: str = "image"
+    """Column holding the image."""
+    caption_column: str = "text"
+    """Column holding the caption."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, v):  # `references: data/mine` means {path: data/mine}
+        return {"path": v} if isinstance(v, str) else v
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple = (),

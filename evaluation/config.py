@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from core.config import Strict
+from core.config import ReferenceData, Strict
 
 DEFAULT_CLASSIFIER_DIR = Path(__file__).resolve().parents[1] / "models" / "domain-classifier"
 
@@ -16,7 +16,13 @@ class EvalConfig(Strict):
     """Images generated (one per prompt; with new_concepts, half known and half new). FID estimates a
     covariance, so few images give noisy figures: compare models on the same number of images."""
     prompts: str | None = None
-    """Text file with one prompt per line (default: a fixed set drawn from the caption grammar)."""
+    """Text file with one prompt per line (default: the references' captions when references are given,
+    else a fixed set drawn from the caption grammar)."""
+    references: ReferenceData | None = None
+    """Real images FID is measured against, e.g. the fine-tune's own dataset (a path or a hub id, or
+    {path, image_column, caption_column}); its captions are the prompts unless ``prompts`` is set. A
+    model of real images needs them: the default references are renders of the synthetic world, and
+    prompts outside it have none. Adherence is scored only on prompts of the synthetic world."""
     new_concepts: list[str] = []
     """Concepts a fine-tune teaches (e.g. [star, heart, purple]); splits the report into known/new."""
     features: Literal["auto", "inception", "domain"] = "auto"

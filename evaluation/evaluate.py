@@ -19,6 +19,7 @@ import torch
 
 from synthetic.world import ATTRIBUTES, WorldSpec, caption_scene, parse_caption, render_scene, sample_scene
 from core.errors import UserError
+from core.config import ReferenceData
 from evaluation.config import EvalConfig
 from core.images import image_grid
 from core.io import atomic_write, write_json
@@ -28,10 +29,17 @@ ADHERENCE_ATTRS = ("shape", "colour", "position")
 
 # ============================================================================ prompt set
 
-def prompt_set(cfg: EvalConfig) -> list[dict]:
-    """[{prompt, scene, split}], deterministic from the seed. ``scene`` is None for free prompts."""
+def prompt_set(cfg: EvalConfig, captions: list[str] | None = None) -> list[dict]:
+    """[{prompt, scene, split}], deterministic from the seed: the prompts file's lines, else a seeded
+    sample of ``captions`` (a references dataset's), else a fixed set drawn from the caption grammar.
+    ``scene`` is None for free prompts and for captions (their references are the dataset's images)."""
     rng = random.Random(cfg.seed)
     new = tuple(cfg.new_concepts)
+    if captions and not cfg.prompts:
+        pool = list(captions)
+        rng.shuffle(pool)
+        pool = (pool * (cfg.num_images // len(pool) + 1))[:cfg.num_images]
+        return [{"prompt": t, "scene": None, "split": _split(t, new)} for t in pool]
     if cfg.prompts:
         p = Path(cfg.prompts)
         if not p.is_file():
@@ -68,6 +76,21 @@ def _scene_from_prompt(text: str, rng: random.Random) -> dict | None:
     obj = {a: v or rng.choice(ATTRIBUTES[a]) for a, v in parsed["objects"][0].items()}
     bg = parsed["background"] or rng.choice([b for b in ATTRIBUTES["background"]])
     return {"background": bg, "objects": [obj]}
+
+
+def reference_captions(refs: ReferenceData) -> list[str]:
+    """The references dataset's captions, its images not decoded yet: a missing or uncaptioned dataset
+    fails here, before anything is generated."""
+    from core.datasets import dataset_rows
+
+    return [row[refs.caption_column] for _, _, row in dataset_rows(refs.path, refs.image_column, refs.caption_column)]
+
+
+def dataset_references(refs: ReferenceData, size: int) -> np.ndarray:
+    """The references dataset's images (uint8 NHWC) at ``size``, decoded and cropped as training does."""
+    from core.datasets import load_imagefolder
+
+    return load_imagefolder(refs.path, size, image_column=refs.image_column, caption_column=refs.caption_column).pixels
 
 
 def reference_images(items: list[dict], seed: int, size: int = 64, per_prompt: int = 1) -> np.ndarray:
@@ -164,9 +187,10 @@ def score_images(images: np.ndarray, items: list[dict], cfg: EvalConfig, classif
     prompts = [it["prompt"] for it in items]
     ref = reference if reference is not None else \
         reference_images(items, cfg.seed, per_prompt=cfg.reference_per_prompt)
-    scene_splits = [it["split"] for it in items if it["scene"] is not None]
+    # renders come in blocks of one per scene, so each split has its own; a dataset's images do not
+    scene_splits = [] if cfg.references else [it["split"] for it in items if it["scene"] is not None]
     blocks = len(ref) // max(1, len(scene_splits))
-    if blocks * len(scene_splits) != len(ref):
+    if scene_splits and blocks * len(scene_splits) != len(ref):
         raise ValueError(f"reference holds {len(ref)} images, not a multiple of the {len(scene_splits)} scenes")
     splits = sorted({it["split"] for it in items})
     report = {"features": kind, "num_images": len(images), "reference_images": len(ref), "splits": {}}
@@ -256,9 +280,10 @@ def generate_cached(model: str, items: list[dict], cfg: EvalConfig, desc: str) -
 def evaluate(model: str, out_dir: str, cfg: EvalConfig) -> dict:
     """Generates the prompt set with ``model``, scores it, writes eval.json + samples.png."""
     t0 = time.time()
-    items = prompt_set(cfg)
+    items = prompt_set(cfg, reference_captions(cfg.references) if cfg.references else None)
     images = generate_images(model, items, cfg)
-    report = {"model": str(model), "config": cfg.model_dump(), **score_images(images, items, cfg)}
+    ref = dataset_references(cfg.references, images.shape[1]) if cfg.references else None
+    report = {"model": str(model), "config": cfg.model_dump(), **score_images(images, items, cfg, reference=ref)}
     report["wall_time_s"] = round(time.time() - t0, 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,13 +295,14 @@ def evaluate(model: str, out_dir: str, cfg: EvalConfig) -> dict:
 def compare(model: str, base: str, out_dir: str, cfg: EvalConfig) -> dict:
     """Evaluates ``base`` and ``model`` on the same prompts and seeds; known vs new concepts."""
     t0 = time.time()
-    items = prompt_set(cfg)
+    items = prompt_set(cfg, reference_captions(cfg.references) if cfg.references else None)
     after = generate_images(model, items, cfg, "generating (model)")
     before, base_cached = generate_cached(base, items, cfg, "generating (base)")
     from evaluation.classifier import load_classifier
 
     clf = load_classifier()
-    ref = reference_images(items, cfg.seed, per_prompt=cfg.reference_per_prompt)
+    ref = dataset_references(cfg.references, after.shape[1]) if cfg.references else \
+        reference_images(items, cfg.seed, per_prompt=cfg.reference_per_prompt)
     r_after, r_before = score_images(after, items, cfg, clf, ref), score_images(before, items, cfg, clf, ref)
     table = {}
     for split in r_after["splits"]:

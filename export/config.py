@@ -3,31 +3,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from core.config import Strict
+from core.config import ReferenceData, Strict
 
 # Variants built when none are named: every one; those the hardware cannot run are skipped with a reason.
 DEFAULT_VARIANTS = ["eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-bnb", "compile",
                     "onnx-fp32", "onnx-fp16", "onnx-int8"]
-
-
-class ReferenceData(Strict):
-    """A dataset whose images the variants' FID is measured against (and whose captions are the
-    quality prompts unless ``prompts`` is set)."""
-
-    path: str
-    """Dataset folder (images with captions in metadata.jsonl, metadata.csv or side-car .txt files, as
-    ``t2i train`` reads them) or a hub dataset id (online)."""
-    image_column: str = "image"
-    """Column holding the image."""
-    caption_column: str = "text"
-    """Column holding the caption."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _path_alone(cls, v):  # `references: data/mine` means {path: data/mine}
-        return {"path": v} if isinstance(v, str) else v
 
 
 class ExportConfig(Strict):

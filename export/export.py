@@ -33,18 +33,10 @@ BASELINE = "eager-fp32"
 def plan_for(cfg: ExportConfig, captions: list[str] | None = None) -> tuple[dict, list[dict]]:
     """The benchmark plan and the quality items ({prompt, scene, split}): the prompts file's lines, else
     a seeded sample of the references' ``captions``, else the synthetic world's fixed prompt set."""
-    import random
-
     from evaluation.evaluate import EvalConfig, prompt_set
 
-    if captions and not cfg.prompts:
-        pool = list(captions)
-        random.Random(cfg.seed).shuffle(pool)
-        pool = (pool * (cfg.num_images // len(pool) + 1))[:cfg.num_images]
-        items = [{"prompt": c, "scene": None, "split": "all"} for c in pool]
-    else:
-        items = prompt_set(EvalConfig(num_images=cfg.num_images, seed=cfg.seed, features=cfg.features,
-                                      prompts=cfg.prompts))
+    items = prompt_set(EvalConfig(num_images=cfg.num_images, seed=cfg.seed, features=cfg.features,
+                                  prompts=cfg.prompts), captions)
     if cfg.references is None and not any(it["scene"] for it in items):
         raise UserError(f"none of the quality prompts in {cfg.prompts} describes the synthetic world, so there "
                         "are no reference images to measure FID against: set export.references to a dataset "
@@ -55,17 +47,6 @@ def plan_for(cfg: ExportConfig, captions: list[str] | None = None) -> tuple[dict
             "quality_prompts": prompts, "quality_seeds": [cfg.seed + i for i in range(len(prompts))],
             "quality_batch": 8}
     return plan, items
-
-
-def load_references(cfg: ExportConfig, model_dir: Path):
-    """The references dataset at the model's native resolution (training's loader: any size, mode and
-    orientation; broken images skipped and counted)."""
-    from core.models import model_meta
-    from training.data import load_imagefolder
-
-    r = cfg.references
-    size = model_meta(model_dir)["native_size"]
-    return load_imagefolder(r.path, size, image_column=r.image_column, caption_column=r.caption_column)
 
 
 # ============================================================================ setup
@@ -96,8 +77,10 @@ def setup(cfg: ExportConfig) -> dict:
         raise UserError(f"{out} exists and is not an export dir; choose another --out")
     names = [BASELINE] + [n for n in cfg.variants if n != BASELINE]
     names.sort(key=lambda n: "+" in n)  # approximate variants after the exact ones they build on
-    refs = load_references(cfg, Path(path)) if cfg.references else None  # a bad dataset fails here
-    return {"model": Path(path), "out": out, "device": device, "names": names, "references": refs}
+    from evaluation.evaluate import reference_captions
+
+    captions = reference_captions(cfg.references) if cfg.references else None  # a bad dataset fails here
+    return {"model": Path(path), "out": out, "device": device, "names": names, "captions": captions}
 
 
 # ============================================================================ run
@@ -176,23 +159,28 @@ def _run_bounded(cmd: list[str], timeout_s: float) -> tuple[int | None, str]:
 
 def quality(entries: dict[str, VariantEntry], images: dict[str, np.ndarray], items: list[dict],
             cfg: ExportConfig, references: np.ndarray | None = None) -> None:
-    """Each variant's images against the ``references`` (default: renders of the prompts' scenes) and
-    against the baseline's; adherence where the prompts are the synthetic world's."""
+    """Each variant's images against the reference images (given, else the references dataset's, else
+    renders of the prompts' scenes) and against the baseline's; adherence where the prompts are the
+    synthetic world's."""
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     from evaluation import bootstrap
     from evaluation.classifier import load_classifier
-    from evaluation.evaluate import EvalConfig, adherence, adherence_hits, reference_images
+    from evaluation.evaluate import EvalConfig, adherence, adherence_hits, dataset_references, reference_images
     from evaluation.fid import fid, resolve_features
 
     kind = resolve_features(cfg.features)
     clf = load_classifier()  # adherence always; FID features too when kind == "domain"
     ecfg = EvalConfig(num_images=cfg.num_images, seed=cfg.seed, features=cfg.features)
-    ref = references if references is not None else \
-        reference_images(items, ecfg.seed, per_prompt=ecfg.reference_per_prompt)
-    prompts = [it["prompt"] for it in items]
     base = images[BASELINE]
+    if references is not None:
+        ref = references
+    elif cfg.references:
+        ref = dataset_references(cfg.references, base.shape[1])
+    else:
+        ref = reference_images(items, ecfg.seed, per_prompt=ecfg.reference_per_prompt)
+    prompts = [it["prompt"] for it in items]
     base_fid = fid(base, ref, kind, clf)
     base_hits = adherence_hits(base, prompts, clf)
     scored = not np.isnan(base_hits).all()  # no prompt of the synthetic world: adherence is not measured
@@ -327,14 +315,13 @@ def save(state: dict, cfg: ExportConfig, entries: dict[str, VariantEntry], selec
 
 def main(cfg: ExportConfig) -> ExportManifest:
     state = setup(cfg)
-    refs = state["references"]
-    plan, items = plan_for(cfg, refs.captions if refs else None)
+    plan, items = plan_for(cfg, state["captions"])
     state["out"].mkdir(parents=True, exist_ok=True)
     entries = build_variants(state, cfg)
     images = bench_variants(state, cfg, entries, plan)
     if BASELINE not in images:
         raise UserError(f"the baseline {BASELINE} failed: {entries[BASELINE].reason}")
-    quality(entries, images, items, cfg, refs.pixels if refs else None)
+    quality(entries, images, items, cfg)
     flops = unet_flops(state["model"])
     peak = matmul_peak_gflops(device=state["device"])
     for e in entries.values():

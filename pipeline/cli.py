@@ -121,7 +121,7 @@ def run_command(name: str, cfg, ns: argparse.Namespace) -> None:
         out = generate_dataset(cfg.out, cfg.n, cfg.seed, cfg.size, cfg.spec(), overwrite=cfg.overwrite)
         print(f"wrote {cfg.n} images + metadata.jsonl to {out}")
     elif name == "data check":
-        from training.data import format_summary
+        from core.datasets import format_summary
         from training.fit import check
 
         res = check(cfg)

@@ -5,7 +5,7 @@ import pytest
 
 from synthetic.dataset import generate_dataset
 from synthetic.world import ATTRIBUTES, WorldSpec, caption_scene, parse_caption, sample_scene
-from training.data import load_imagefolder
+from core.datasets import load_imagefolder
 from core.errors import UserError
 
 

@@ -140,6 +140,41 @@ def test_compare_separates_known_and_new(micro_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_of_real_images_is_evaluated_against_its_own_data(micro_model, tmp_path):
+    """references: a dataset's captions are the prompts and its images the FID references (the
+    synthetic world's renders say nothing about photos); a bad dataset fails before any generation."""
+    import json
+
+    from PIL import Image
+
+    from evaluation.evaluate import evaluate
+
+    def dataset(name: str, pixels) -> list[str]:
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"file_name": f"p{i}.jpg", "text": f"a photo of my dog, take {i}"} for i in range(10)]
+        for i, row in enumerate(rows):
+            Image.fromarray(pixels(i)).save(folder / row["file_name"])
+        (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        return [r["text"] for r in rows]
+
+    rng = np.random.default_rng(1)
+    captions = dataset("noise", lambda i: rng.integers(0, 256, (40, 24 + 4 * i, 3), dtype=np.uint8))
+    dataset("grey", lambda i: np.full((40, 40, 3), 60 + 10 * i, np.uint8))
+    cfg = EvalConfig(num_images=6, steps=2, batch_size=8, references=str(tmp_path / "noise"), features="domain")
+    assert {it["prompt"] for it in prompt_set(cfg, captions)} <= set(captions)
+    report = evaluate(str(micro_model), str(tmp_path / "ev"), cfg)
+    assert report["reference_images"] == 10 and report["fid"] > 0
+    assert report["adherence"]["shape+colour"] is None  # no prompt of the synthetic world
+    grey = evaluate(str(micro_model), str(tmp_path / "ev2"),
+                    cfg.model_copy(update={"references": EvalConfig(references=str(tmp_path / "grey")).references}))
+    assert grey["fid"] != pytest.approx(report["fid"])
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate(str(micro_model), str(tmp_path / "ev3"), EvalConfig(references=str(tmp_path / "missing")))
+    assert not (tmp_path / "ev3").exists()
+
+
+@pytest.mark.slow
 def test_compare_reuses_base_images_until_the_base_changes(micro_model, tmp_path, monkeypatch):
     import shutil
 

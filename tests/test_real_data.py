@@ -8,7 +8,7 @@ from PIL import Image
 
 from core.errors import UserError
 from tests.conftest import ROOT, run_cli
-from training.data import load_imagefolder
+from core.datasets import load_imagefolder
 
 BASE = ROOT / "models" / "tiny-base"
 

@@ -122,7 +122,7 @@ def test_vae_stage_sets_latent_scale(micro_model, micro_data, tmp_path):
     from diffusers import AutoencoderKL
 
     from core.images import to_pixels
-    from training.data import load_imagefolder
+    from core.datasets import load_imagefolder
 
     vae = AutoencoderKL.from_pretrained(out / "model" / "vae").eval()
     x = to_pixels(torch.from_numpy(load_imagefolder(str(micro_data), 32).pixels))

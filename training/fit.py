@@ -46,7 +46,7 @@ def check(cfg) -> dict:
 
     from core.errors import UserError
     from core.models import load_tokenizer, model_meta, resolve_model
-    from training.data import load_imagefolder, summary
+    from core.datasets import load_imagefolder, summary
 
     path, local = resolve_model(cfg.model)
     if not local:

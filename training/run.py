@@ -20,7 +20,7 @@ from core.images import to_pixels
 from core.models import size_factor
 from training.checkpoints import choose_checkpoint, resume, set_aside_newer
 from training.config import TrainConfig
-from training.data import format_summary, summary
+from core.datasets import format_summary, summary
 from training.fit import poor_fit_message, vae_round_trip
 
 
@@ -31,7 +31,7 @@ TEXT_CHUNK = 16
 def prepare_data(cfg: TrainConfig, resolution: int):
     """Renders the synthetic dataset first when the config asks for it, then loads the folder."""
     from synthetic.dataset import generate_dataset, synthetic_spec_matches
-    from training.data import load_imagefolder
+    from core.datasets import load_imagefolder
 
     d = cfg.data
     if d.synthetic is not None:

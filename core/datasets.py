@@ -138,6 +138,21 @@ def decode(src, resolution: int, crop: str = "center", rng: random.Random | None
 
 # ------------------------------------------------------------------------------------------ loading
 
+def dataset_rows(path: str, image_column: str = "image", caption_column: str = "text"):
+    """(image source, name, row) of a local dataset folder or a hub dataset id, images not decoded;
+    a missing, empty or uncaptioned dataset is a UserError here."""
+    local = Path(path)
+    if not local.exists():
+        if "/" in path and not path.startswith((".", "/")):
+            return _hub_rows(path, image_column, caption_column)
+        raise UserError(f"dataset folder {path} does not exist")
+    if not local.is_dir():
+        raise UserError(f"dataset path {path} is not a folder")
+    if not any(local.iterdir()):
+        raise UserError(f"dataset folder {path} is empty")
+    return [(local / r["file_name"], r["file_name"], r) for r in caption_rows(local, caption_column)[0]]
+
+
 def load_imagefolder(path: str, resolution: int, image_column: str = "image", caption_column: str = "text",
                      on_bad_image: str = "skip", crop: str = "center", seed: int = 0) -> LoadedImages:
     """Loads a local dataset folder (or a hub dataset id) into memory.
@@ -145,18 +160,7 @@ def load_imagefolder(path: str, resolution: int, image_column: str = "image", ca
     One broken image is counted and skipped (``on_bad_image='skip'``) or reported by name
     (``'error'``) instead of failing mid-epoch.
     """
-    local = Path(path)
-    if not local.exists():
-        if "/" in path and not path.startswith((".", "/")):
-            rows = _hub_rows(path, image_column, caption_column)
-        else:
-            raise UserError(f"dataset folder {path} does not exist")
-    elif not local.is_dir():
-        raise UserError(f"dataset path {path} is not a folder")
-    elif not any(local.iterdir()):
-        raise UserError(f"dataset folder {path} is empty")
-    else:
-        rows = [(local / r["file_name"], r["file_name"], r) for r in caption_rows(local, caption_column)[0]]
+    rows = dataset_rows(path, image_column, caption_column)
     rng = random.Random(seed)
     pixels, captions, kept, sizes, skipped = [], [], [], [], 0
     for src, name, row in tqdm(rows, desc="decoding images", unit="img", leave=False):
