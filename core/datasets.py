@@ -139,8 +139,9 @@ def decode(src, resolution: int, crop: str = "center", rng: random.Random | None
 # ------------------------------------------------------------------------------------------ loading
 
 def dataset_rows(path: str, image_column: str = "image", caption_column: str = "text"):
-    """(image source, name, row) of a local dataset folder or a hub dataset id, images not decoded;
-    a missing, empty or uncaptioned dataset is a UserError here."""
+    """(image source, name, row) of a local dataset folder or a hub dataset id, images not decoded. A
+    missing, empty or uncaptioned local folder is a UserError here; a hub dataset's rows are read (and
+    checked) as they are iterated."""
     local = Path(path)
     if not local.exists():
         if "/" in path and not path.startswith((".", "/")):

@@ -39,7 +39,8 @@ def prompt_set(cfg: EvalConfig, captions: list[str] | None = None) -> list[dict]
         pool = list(captions)
         rng.shuffle(pool)
         pool = (pool * (cfg.num_images // len(pool) + 1))[:cfg.num_images]
-        return [{"prompt": t, "scene": None, "split": _split(t, new)} for t in pool]
+        # a caption that happens to name a shape and a colour is still not the world's: never scored
+        return [{"prompt": t, "scene": None, "split": _split(t, new), "scored": False} for t in pool]
     if cfg.prompts:
         p = Path(cfg.prompts)
         if not p.is_file():
@@ -83,14 +84,38 @@ def reference_captions(refs: ReferenceData) -> list[str]:
     fails here, before anything is generated."""
     from core.datasets import dataset_rows
 
-    return [row[refs.caption_column] for _, _, row in dataset_rows(refs.path, refs.image_column, refs.caption_column)]
+    captions = [row[refs.caption_column] for _, _, row in dataset_rows(refs.path, refs.image_column,
+                                                                        refs.caption_column)]
+    if not captions:
+        raise UserError(f"references dataset {refs.path} has no rows")
+    return captions
 
 
 def dataset_references(refs: ReferenceData, size: int) -> np.ndarray:
-    """The references dataset's images (uint8 NHWC) at ``size``, decoded and cropped as training does."""
+    """The references dataset's images (uint8 NHWC) at ``size``, decoded and cropped as training does;
+    FID needs at least two."""
     from core.datasets import load_imagefolder
 
-    return load_imagefolder(refs.path, size, image_column=refs.image_column, caption_column=refs.caption_column).pixels
+    pixels = load_imagefolder(refs.path, size, image_column=refs.image_column,
+                              caption_column=refs.caption_column).pixels
+    if len(pixels) < 2:
+        raise UserError(f"references dataset {refs.path} has {len(pixels)} decodable image; FID needs at least 2")
+    return pixels
+
+
+def scored_prompts(items: list[dict]) -> list[str]:
+    """The prompts adherence reads: a references dataset's captions blanked (never scored)."""
+    return [it["prompt"] if it.get("scored", True) else "" for it in items]
+
+
+def _references_up_front(cfg: EvalConfig, model: str) -> np.ndarray | None:
+    """The references dataset decoded at a local model's native size before anything is generated, so a
+    bad dataset costs nothing; None without references or for a hub model (decoded after generation)."""
+    from core.models import model_meta
+
+    if not cfg.references or not Path(model).is_dir():
+        return None
+    return dataset_references(cfg.references, model_meta(Path(model))["native_size"])
 
 
 def reference_images(items: list[dict], seed: int, size: int = 64, per_prompt: int = 1) -> np.ndarray:
@@ -177,17 +202,18 @@ def score_images(images: np.ndarray, items: list[dict], cfg: EvalConfig, classif
                  reference: np.ndarray | None = None) -> dict:
     """All metrics for generated ``images`` (uint8 NHWC) of ``items``, overall and per split.
 
-    ``reference``: real images as ``reference_images`` lays them out (made here when not given).
+    ``reference``: real images, as ``reference_images`` lays them out (made here when not given), or,
+    with ``cfg.references``, the dataset's images, which every split is measured against.
     """
     from evaluation.classifier import load_classifier
     from evaluation.fid import fid, resolve_features
 
     classifier = classifier or load_classifier()
     kind = resolve_features(cfg.features)
-    prompts = [it["prompt"] for it in items]
+    prompts = scored_prompts(items)  # what adherence reads
     ref = reference if reference is not None else \
         reference_images(items, cfg.seed, per_prompt=cfg.reference_per_prompt)
-    # renders come in blocks of one per scene, so each split has its own; a dataset's images do not
+    # renders come in blocks of one per scene, so each split has its own; a dataset's images serve all
     scene_splits = [] if cfg.references else [it["split"] for it in items if it["scene"] is not None]
     blocks = len(ref) // max(1, len(scene_splits))
     if scene_splits and blocks * len(scene_splits) != len(ref):
@@ -196,7 +222,8 @@ def score_images(images: np.ndarray, items: list[dict], cfg: EvalConfig, classif
     report = {"features": kind, "num_images": len(images), "reference_images": len(ref), "splits": {}}
     for split in splits:
         idx = [i for i, it in enumerate(items) if it["split"] == split]
-        ridx = [b * len(scene_splits) + j for b in range(blocks) for j, sp in enumerate(scene_splits) if sp == split]
+        ridx = list(range(len(ref))) if cfg.references else \
+            [b * len(scene_splits) + j for b in range(blocks) for j, sp in enumerate(scene_splits) if sp == split]
         entry = {"n": len(idx), "adherence": adherence(images[idx], [prompts[i] for i in idx], classifier)}
         if len(idx) >= 2 and len(ridx) >= 2:
             entry["fid"] = round(fid(images[idx], ref[ridx], kind, classifier), 3)
@@ -205,7 +232,7 @@ def score_images(images: np.ndarray, items: list[dict], cfg: EvalConfig, classif
     if len(ref) >= 2:
         report["fid"] = round(fid(images, ref, kind, classifier), 3)
     report["inception_score"] = inception_score(images, classifier)
-    report["clip_score"] = clip_score(images, prompts, cfg.clip_model)
+    report["clip_score"] = clip_score(images, [it["prompt"] for it in items], cfg.clip_model)
     return report
 
 
@@ -281,8 +308,10 @@ def evaluate(model: str, out_dir: str, cfg: EvalConfig) -> dict:
     """Generates the prompt set with ``model``, scores it, writes eval.json + samples.png."""
     t0 = time.time()
     items = prompt_set(cfg, reference_captions(cfg.references) if cfg.references else None)
+    ref = _references_up_front(cfg, model)
     images = generate_images(model, items, cfg)
-    ref = dataset_references(cfg.references, images.shape[1]) if cfg.references else None
+    if cfg.references and ref is None:
+        ref = dataset_references(cfg.references, images.shape[1])
     report = {"model": str(model), "config": cfg.model_dump(), **score_images(images, items, cfg, reference=ref)}
     report["wall_time_s"] = round(time.time() - t0, 1)
     out = Path(out_dir)
@@ -296,13 +325,15 @@ def compare(model: str, base: str, out_dir: str, cfg: EvalConfig) -> dict:
     """Evaluates ``base`` and ``model`` on the same prompts and seeds; known vs new concepts."""
     t0 = time.time()
     items = prompt_set(cfg, reference_captions(cfg.references) if cfg.references else None)
+    ref = _references_up_front(cfg, model)
     after = generate_images(model, items, cfg, "generating (model)")
     before, base_cached = generate_cached(base, items, cfg, "generating (base)")
     from evaluation.classifier import load_classifier
 
     clf = load_classifier()
-    ref = dataset_references(cfg.references, after.shape[1]) if cfg.references else \
-        reference_images(items, cfg.seed, per_prompt=cfg.reference_per_prompt)
+    if ref is None:
+        ref = dataset_references(cfg.references, after.shape[1]) if cfg.references else \
+            reference_images(items, cfg.seed, per_prompt=cfg.reference_per_prompt)
     r_after, r_before = score_images(after, items, cfg, clf, ref), score_images(before, items, cfg, clf, ref)
     table = {}
     for split in r_after["splits"]:

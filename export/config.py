@@ -58,4 +58,3 @@ class ExportConfig(Strict):
     are renders of the synthetic world, and prompts outside that world have no render. The pipeline
     uses the training data when it is not synthetic. Prompt adherence is scored only on prompts of the
     synthetic world; with none, the adherence budget does not apply."""
-

@@ -77,10 +77,15 @@ def setup(cfg: ExportConfig) -> dict:
         raise UserError(f"{out} exists and is not an export dir; choose another --out")
     names = [BASELINE] + [n for n in cfg.variants if n != BASELINE]
     names.sort(key=lambda n: "+" in n)  # approximate variants after the exact ones they build on
-    from evaluation.evaluate import reference_captions
+    from core.models import model_meta
+    from evaluation.evaluate import dataset_references, reference_captions
 
-    captions = reference_captions(cfg.references) if cfg.references else None  # a bad dataset fails here
-    return {"model": Path(path), "out": out, "device": device, "names": names, "captions": captions}
+    captions, refs = None, None
+    if cfg.references:  # a bad dataset fails here, before any variant is built
+        captions = reference_captions(cfg.references)
+        refs = dataset_references(cfg.references, model_meta(Path(path))["native_size"])
+    return {"model": Path(path), "out": out, "device": device, "names": names, "captions": captions,
+            "references": refs}
 
 
 # ============================================================================ run
@@ -167,7 +172,8 @@ def quality(entries: dict[str, VariantEntry], images: dict[str, np.ndarray], ite
 
     from evaluation import bootstrap
     from evaluation.classifier import load_classifier
-    from evaluation.evaluate import EvalConfig, adherence, adherence_hits, dataset_references, reference_images
+    from evaluation.evaluate import (EvalConfig, adherence, adherence_hits, dataset_references, reference_images,
+                                     scored_prompts)
     from evaluation.fid import fid, resolve_features
 
     kind = resolve_features(cfg.features)
@@ -180,7 +186,7 @@ def quality(entries: dict[str, VariantEntry], images: dict[str, np.ndarray], ite
         ref = dataset_references(cfg.references, base.shape[1])
     else:
         ref = reference_images(items, ecfg.seed, per_prompt=ecfg.reference_per_prompt)
-    prompts = [it["prompt"] for it in items]
+    prompts = scored_prompts(items)  # what adherence reads: a dataset's captions are never scored
     base_fid = fid(base, ref, kind, clf)
     base_hits = adherence_hits(base, prompts, clf)
     scored = not np.isnan(base_hits).all()  # no prompt of the synthetic world: adherence is not measured
@@ -321,7 +327,7 @@ def main(cfg: ExportConfig) -> ExportManifest:
     images = bench_variants(state, cfg, entries, plan)
     if BASELINE not in images:
         raise UserError(f"the baseline {BASELINE} failed: {entries[BASELINE].reason}")
-    quality(entries, images, items, cfg)
+    quality(entries, images, items, cfg, state["references"])
     flops = unet_flops(state["model"])
     peak = matmul_peak_gflops(device=state["device"])
     for e in entries.values():
@@ -336,6 +342,8 @@ def main(cfg: ExportConfig) -> ExportManifest:
                   gpu=torch.cuda.get_device_name() if state["device"] == "cuda" else None)
     manifest = save(state, cfg, entries, selected, reason, hw)
     if selected is None:
-        raise UserError(f"no variant meets the budget (FID drift <= {cfg.max_fid_drift}%, adherence drop <= "
-                        f"{cfg.max_adherence_drop} pts); see {state['out']}/bench.md, or pass --select NAME")
+        measured = any(e.quality and e.quality.adherence is not None for e in entries.values())
+        adh = f"adherence drop <= {cfg.max_adherence_drop} pts" if measured else "adherence not measured"
+        raise UserError(f"no variant meets the budget (FID drift <= {cfg.max_fid_drift}%, {adh}); see "
+                        f"{state['out']}/bench.md, or pass --select NAME")
     return manifest

@@ -128,8 +128,9 @@ def write_bench_md(manifest: ExportManifest, path: Path) -> None:
             f"Same prompts, seeds, scheduler and {plan.steps} steps for every variant; "
             f"{plan.num_images} quality images ({_prompt_source(manifest.config)}); {against}; FID features: "
             f"{features}.\n"
-            f"Budget: FID drift <= {budget.max_fid_drift_pct}%, adherence drop <= "
-            f"{budget.max_adherence_drop_pts} pts. Selected: **{manifest.selected}** "
+            f"Budget: FID drift <= {budget.max_fid_drift_pct}%, "
+            + (f"adherence drop <= {budget.max_adherence_drop_pts} pts" if q0 is None or q0.adherence is not None
+               else "adherence drop: not applied (not measured)") + f". Selected: **{manifest.selected}** "
             f"({manifest.selection_reason}).\n\n" + resolution(manifest) + bench_table(manifest) + "\n\n"
             f"UNet: {hw.unet_gflop_per_step_b1} GFLOP per guided step at batch 1; measured fp32 "
             f"matmul peak {hw.matmul_fp32_gflops} GFLOP/s. Achieved UNet GFLOP/s per variant: "

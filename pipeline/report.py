@@ -65,10 +65,15 @@ def _eval_rows(cmp: dict) -> list[list[str]]:
     rows = [["concepts", "adherence before", "adherence after", "all attrs before", "all attrs after",
              "FID before", "FID after", "FID change"]]
     for split, r in cmp["summary"].items():
-        rows.append([split, f"{r['adherence_before']}%", f"{r['adherence_after']}%", f"{r['adherence_all_before']}%",
-                     f"{r['adherence_all_after']}%", str(r["fid_before"]), str(r["fid_after"]),
-                     f"{r.get('fid_change_pct', '-')}%"])
+        rows.append([split, or_dash(r["adherence_before"], "%"), or_dash(r["adherence_after"], "%"),
+                     or_dash(r["adherence_all_before"], "%"), or_dash(r["adherence_all_after"], "%"),
+                     or_dash(r["fid_before"]), or_dash(r["fid_after"]), or_dash(r.get("fid_change_pct"), "%")])
     return rows
+
+
+def or_dash(v, unit: str = "") -> str:
+    """A figure with its unit, or '-' where it was not measured (adherence of images outside the world)."""
+    return "-" if v is None else f"{v}{unit}"
 
 
 def write_report(out: Path, cfg, state: dict) -> None:

@@ -86,22 +86,22 @@ class Pipeline:
             write_json(tmp / "done.json", result)
         if "summary" in result:
             s = result["summary"]
-            return "; ".join(f"{k}: adherence {v['adherence_before']} -> {v['adherence_after']}%, FID "
-                             f"{v['fid_before']} -> {v['fid_after']}" for k, v in s.items())
+            from pipeline.report import or_dash as d
+
+            return "; ".join(f"{k}: adherence {d(v['adherence_before'])} -> {d(v['adherence_after'], '%')}, FID "
+                             f"{d(v['fid_before'])} -> {d(v['fid_after'])}" for k, v in s.items())
         return "evaluated"
 
     def export_config(self):
         """The export stage's ExportConfig: RUN_DIR/train/model -> RUN_DIR/export, and, when the training
-        data is the user's own (not synthetic), that data as the quality gate's prompts and references."""
+        data is the user's own, that data as the quality gate's prompts and references."""
         from export.config import ExportConfig
 
         e = self.cfg.export
         base = {"model": str(self.out / "train" / "model"), "out": str(self.out / "export"),
                 **e.model_dump(exclude_none=True)}
-        data = self.train_cfg.data
-        if e.references is None and data.synthetic is None:
-            base["references"] = {"path": data.path, "image_column": data.image_column,
-                                  "caption_column": data.caption_column}
+        if e.references is None:
+            base["references"] = users_data(self.train_cfg)
         return ExportConfig.model_validate(base)
 
     def export(self) -> str:
@@ -241,6 +241,18 @@ def _begun(stage: str, out: Path) -> bool:
     return stage == "train" and (out / "train").exists()
 
 
+def users_data(cfg: TrainConfig) -> dict | None:
+    """The training data as the references of eval and the export gate ({path, columns}) when it is the
+    user's own; None for the synthetic world (set to render, or a folder t2i rendered), whose prompts
+    have renders of their own scenes to be measured against."""
+    from synthetic.dataset import SPEC_FILE
+
+    data = cfg.data
+    if data.synthetic is not None or (Path(data.path) / SPEC_FILE).is_file():
+        return None
+    return {"path": data.path, "image_column": data.image_column, "caption_column": data.caption_column}
+
+
 def evaluate_trained(cfg: TrainConfig, ecfg, out: Path) -> dict:
     """Compares a trained model (cfg.output_dir/model) with the one it started from: known vs newly
     taught concepts (the new ones: ecfg.new_concepts, else the focus words). A model trained from a
@@ -252,6 +264,10 @@ def evaluate_trained(cfg: TrainConfig, ecfg, out: Path) -> dict:
         ecfg = ecfg.model_copy(update={"new_concepts": cfg.focus_words_resolved()})
         print(f"eval: new concepts = the focus words ({', '.join(ecfg.new_concepts)}); set eval.new_concepts "
               "to choose others")
+    if ecfg.references is None and users_data(cfg):
+        from core.config import ReferenceData
+
+        ecfg = ecfg.model_copy(update={"references": ReferenceData.model_validate(users_data(cfg))})
     model = str(Path(cfg.output_dir) / "model")
     if cfg.model.pretrained in PRESETS:  # nothing meaningful to compare a random init with
         report = evaluate(model, str(out), ecfg)

@@ -164,7 +164,7 @@ def test_a_model_of_real_images_is_evaluated_against_its_own_data(micro_model, t
     cfg = EvalConfig(num_images=6, steps=2, batch_size=8, references=str(tmp_path / "noise"), features="domain")
     assert {it["prompt"] for it in prompt_set(cfg, captions)} <= set(captions)
     report = evaluate(str(micro_model), str(tmp_path / "ev"), cfg)
-    assert report["reference_images"] == 10 and report["fid"] > 0
+    assert report["reference_images"] == 10 and report["fid"] > 0 and report["splits"]["all"]["fid"] > 0
     assert report["adherence"]["shape+colour"] is None  # no prompt of the synthetic world
     grey = evaluate(str(micro_model), str(tmp_path / "ev2"),
                     cfg.model_copy(update={"references": EvalConfig(references=str(tmp_path / "grey")).references}))

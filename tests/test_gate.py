@@ -161,6 +161,11 @@ def test_the_gate_measures_fid_against_given_references_and_leaves_adherence_off
     assert q.adherence is None and q.adherence_drop is None and q.adherence_drop_ci is None
     assert in_budget(q, cfg)  # a zero adherence budget does not apply where adherence is not measured
     assert not in_budget(q, cfg.model_copy(update={"max_fid_drift": abs(q.fid_drift_pct) / 2}))
+    # a caption that names a shape and a colour is still a caption: not read by the domain classifier
+    items = [{"prompt": "a man in a red shirt with a blue heart tattoo", "scene": None, "split": "all",
+              "scored": False}] * 8
+    quality(entries, {BASELINE: base, "v": var}, items, cfg, refs)
+    assert entries["v"].quality.adherence is None
     # prompts of the synthetic world keep their adherence score against the same references
     items = [{"prompt": "a red circle on the left", "scene": None, "split": "all"}] * 8
     quality(entries, {BASELINE: base, "v": var}, items, cfg, refs)

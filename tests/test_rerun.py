@@ -66,5 +66,9 @@ def test_the_export_gate_measures_a_fine_tune_of_the_users_images_on_those_image
     refs = own.export_config().references
     assert (refs.path, refs.caption_column) == ("/data/mine", "caption")
     assert _pipeline(tmp_path, "training.data.synthetic={n: 10}").export_config().references is None
+    from synthetic.dataset import generate_dataset
+
+    rendered = generate_dataset(tmp_path / "shapes", n=4, seed=0, size=32)  # a folder t2i rendered
+    assert _pipeline(tmp_path, f"training.data.path={rendered}").export_config().references is None
     chosen = _pipeline(tmp_path, "training.data.path=/data/mine", "export.references=/data/held-out")
     assert chosen.export_config().references.path == "/data/held-out"
