@@ -153,6 +153,27 @@ class LoraArgs(Strict):
     """UNet module names that get adapters."""
 
 
+class PriorArgs(Strict):
+    """DreamBooth's prior preservation (Ruiz et al. 2023): images the model draws of the subject's class
+    before training are trained on beside the user's images, so the class word keeps its meaning
+    while a rare token learns the subject."""
+
+    class_prompt: str | None = Field(None, min_length=1)
+    """The subject's class without the rare token (e.g. "a photo of a cat"); null turns prior
+    preservation off."""
+    num_images: int = Field(100, ge=1)
+    """Class images the model draws before training (seeds 0..num_images-1)."""
+    weight: float = Field(1.0, ge=0)
+    """Weight of the class images' loss next to the user's images' (DreamBooth's lambda)."""
+    dir: str | None = None
+    """Where the class images are written (default: OUTPUT_DIR/class_images); a folder drawn with the
+    same model, prompt and settings is reused."""
+    steps: int = Field(25, ge=1)
+    """Sampling steps of the class images."""
+    guidance: float = 5.0
+    """Guidance scale of the class images."""
+
+
 class LoggingArgs(Strict):
     log_every: int = Field(10, ge=1)
     """Steps between TensorBoard scalars."""
@@ -190,6 +211,8 @@ class TrainConfig(Strict):
     """Optimisation."""
     lora: LoraArgs = LoraArgs()
     """LoRA settings (train.what=lora)."""
+    prior: PriorArgs = PriorArgs()
+    """Prior preservation with class images the model draws first (DreamBooth); off by default."""
     logging: LoggingArgs = LoggingArgs()
     """TensorBoard logging and sample grids."""
     checkpoint: CheckpointArgs = CheckpointArgs()
@@ -207,6 +230,8 @@ class TrainConfig(Strict):
         if self.train.focus_token_learning_rate and not self.focus_words_resolved():
             raise ValueError("train.focus_token_learning_rate needs the focus words: set train.focus_words "
                              "(or data.synthetic.focus)")
+        if self.prior.class_prompt is not None and self.train.what == "vae":
+            raise ValueError("prior.class_prompt trains the UNet on class images: it needs train.what=unet or lora")
         return self
 
 

@@ -84,8 +84,13 @@ class LatentDiffusion:
         return (mean + std * torch.randn_like(std)) * self.vae.config.scaling_factor
 
     # ------------------------------------------------------------------ losses
-    def loss(self, latents: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Denoising loss at drawn timesteps (DDPM, Ho et al. 2020), min-SNR-gamma weighted when set."""
+    def loss(self, latents: torch.Tensor, text_emb: torch.Tensor,
+             prior: tuple[int, float] | None = None) -> torch.Tensor:
+        """Denoising loss at drawn timesteps (DDPM, Ho et al. 2020), min-SNR-gamma weighted when set.
+
+        ``prior=(k, weight)``: the first k rows are the user's images and the rest class images (DreamBooth's
+        prior preservation): the loss is the mean over the first plus ``weight`` times the mean over the rest.
+        """
         noise = torch.randn_like(latents)
         if self.noise_offset:  # lets the model shift mean brightness (flat backgrounds)
             noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
@@ -105,6 +110,9 @@ class LatentDiffusion:
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
         if self.snr_gamma is not None:
             per = per * snr_loss_weights(compute_snr(sched, t), self.snr_gamma, sched.config.prediction_type)
+        if prior is not None and 0 < prior[0] < bsz:
+            k, weight = prior
+            return per[:k].mean() + weight * per[k:].mean()
         return per.mean()
 
     def vae_loss(self, pixels: torch.Tensor, kl_weight: float) -> torch.Tensor:

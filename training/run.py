@@ -141,11 +141,15 @@ class Run:
                 acc.print(f"warning: {problem}")
         self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
                                      (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier))
+        self.n_instance, self.n_class = len(self.data.captions), 0
+        if cfg.prior.class_prompt is not None:  # drawn by the model before any weight trains
+            self._add_class_images(cpu)
         self.trainable = self._select_trainable(comps)
         trains_text = t.train_text_encoder or bool(t.focus_token_learning_rate)
         self.cache_latents = t.cache and t.what != "vae"
         self.cache_text = t.cache and t.what != "vae" and not trains_text
-        self.steps_per_epoch = max(1, len(self.data.captions) // (t.batch_size * acc.num_processes))
+        self.steps_per_epoch = max(1, self.n_instance // (t.batch_size * acc.num_processes))
+        self.class_steps_per_epoch = max(1, self.n_class // (t.batch_size * acc.num_processes))
         self.global_step = 0
 
         if acc.is_main_process:
@@ -176,6 +180,21 @@ class Run:
                           f"{self.ckpt_dir / 'abandoned'}: {', '.join(moved)}")
         if acc.is_main_process:
             acc.init_trackers("t2i", config=_flat_hparams(cfg))
+
+    def _add_class_images(self, cpu: bool) -> None:
+        """Prior preservation: the class images follow the user's in self.data (rows >= n_instance)."""
+        from accelerate import PartialState
+
+        from training.prior import class_images, merged
+
+        per = self.cfg.train.batch_size * self.acc.num_processes
+        if self.cfg.prior.num_images < per:
+            raise UserError(f"prior.num_images ({self.cfg.prior.num_images}) must be at least the images of "
+                            f"one batch ({per}): each batch trains on as many class images as of yours")
+        with PartialState(cpu=cpu).main_process_first():
+            cls = class_images(self.model, self.cfg, self.resolution, self.acc.is_main_process, self.acc.print)
+        self.n_class = len(cls.captions)
+        self.data = merged(self.data, cls)
 
     # ---------------------------------------------------------------- which weights
     def _select_trainable(self, comps) -> list[torch.nn.Module]:
@@ -249,6 +268,8 @@ class Run:
         t = self.cfg.train
         on_gpu = self.acc.device.type == "cuda"
         first_epoch = self.epoch_order(0)
+        if self.n_class:
+            first_epoch = np.concatenate([first_epoch, self.n_instance + self.class_order(0)])
         if self.cache_latents:  # with data.flip, each image's mirror image is cached behind the originals
             n = len(self.pixels)
             self.lat_rows = n * (2 if self.cfg.data.flip else 1)
@@ -314,17 +335,26 @@ class Run:
 
     # ---------------------------------------------------------------- data order
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The order an epoch visits the images in; a pure function of the seed and epoch."""
-        return np.random.default_rng(self.cfg.train.seed + epoch).permutation(len(self.data.captions))
+        """The order an epoch visits the user's images in; a pure function of the seed and epoch."""
+        return np.random.default_rng(self.cfg.train.seed + epoch).permutation(self.n_instance)
+
+    def class_order(self, epoch: int) -> np.ndarray:
+        """The order an epoch of the class images (prior preservation) visits them in."""
+        return np.random.default_rng([self.cfg.train.seed, 1, epoch]).permutation(self.n_class)
 
     def batch_indices(self, micro_step: int) -> np.ndarray:
-        """Indices of this process's micro-batch; a pure function of the step (exact resume)."""
+        """Indices of this process's micro-batch; a pure function of the step (exact resume). With prior
+        preservation as many class images follow, from their own epochs."""
         t = self.cfg.train
-        epoch, k = divmod(micro_step, self.steps_per_epoch)
-        perm = self.epoch_order(epoch)
         per = t.batch_size * self.acc.num_processes
-        glob = perm[k * per:(k + 1) * per]
-        return glob[self.acc.process_index::self.acc.num_processes]
+        mine = slice(self.acc.process_index, None, self.acc.num_processes)
+        epoch, k = divmod(micro_step, self.steps_per_epoch)
+        glob = self.epoch_order(epoch)[k * per:(k + 1) * per]
+        if not self.n_class:
+            return glob[mine]
+        epoch, k = divmod(micro_step, self.class_steps_per_epoch)
+        cls = self.n_instance + self.class_order(epoch)[k * per:(k + 1) * per]
+        return np.concatenate([glob[mine], cls[mine]])
 
     def batch(self, idx: np.ndarray):
         """(latents, text embeddings) of a micro-batch; (pixels, None) for the VAE stage."""

@@ -42,9 +42,13 @@ def train_step(run: Run, micro: int):
     """
     acc, t = run.acc, run.cfg.train
     with acc.accumulate(*run.trainable):
-        inputs, emb = run.batch(run.batch_indices(micro))
+        idx = run.batch_indices(micro)
+        inputs, emb = run.batch(idx)
+        # prior preservation: the class images (rows >= n_instance, at the end) weigh prior.weight as a group
+        prior = (int((idx < run.n_instance).sum()), run.cfg.prior.weight) if run.n_class else None
         with acc.autocast():  # also covers vae.encode/decode, which are not forward()
-            loss = run.model.vae_loss(inputs, t.vae_kl_weight) if t.what == "vae" else run.model.loss(inputs, emb)
+            loss = (run.model.vae_loss(inputs, t.vae_kl_weight) if t.what == "vae"
+                    else run.model.loss(inputs, emb, prior))
         acc.backward(loss)
         grad_norm = None
         if acc.sync_gradients and t.max_grad_norm > 0:
@@ -103,7 +107,7 @@ def run_loop(run: Run) -> dict:
     return {"steps": run.global_step, "steps_this_run": run.global_step - start_step, "wall_time_s": round(wall, 2),
             "checkpoint_and_samples_s": round(side_s, 2),
             "images_per_s": round(images_seen / steps_s, 2) if steps_s > 0 else None, "final_loss": last_loss,
-            "num_processes": acc.num_processes, "num_images": len(run.data.captions),
+            "num_processes": acc.num_processes, "num_images": run.n_instance, "class_images": run.n_class,
             "focus_words": run.focus_words,
             "ema_decay_last": None if run.ema is None or run.ema.cur_decay_value is None
             else round(run.ema.cur_decay_value, 6),

@@ -1,0 +1,74 @@
+"""DreamBooth's prior preservation: class images drawn by the model, reused, and weighed in every batch."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import load_config
+from core.errors import UserError
+from tests.conftest import micro_overrides
+from training.config import TrainConfig
+from training.train import main, setup
+
+PRIOR = ["prior.class_prompt=a circle", "prior.num_images=8", "prior.steps=2", "train.batch_size=4",
+         "logging.final_samples=false", "checkpoint.save_final=false"]
+
+
+def _cfg(micro_model, micro_data, out, extra=()):
+    return load_config(TrainConfig, None, micro_overrides(micro_model, micro_data, out, steps=2) + PRIOR + list(extra))
+
+
+def test_class_images_are_drawn_once_trained_beside_the_users_and_reused(micro_model, micro_data, tmp_path, capsys):
+    classes = tmp_path / "classes"
+    cfg = _cfg(micro_model, micro_data, tmp_path / "a", [f"prior.dir={classes}"])
+    report = main(cfg)
+    assert "drawing 8 images of 'a circle'" in capsys.readouterr().out
+    pngs = sorted(classes.glob("*.png"))
+    assert len(pngs) == 8
+    rows = [json.loads(line) for line in (classes / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["a circle"] * 8
+    assert report["class_images"] == 8 and report["num_images"] == 48  # the user's images counted apart
+
+    # every batch: the user's images first, then as many class images, each class image once per its epoch
+    run = setup(_cfg(micro_model, micro_data, tmp_path / "b", [f"prior.dir={classes}"]))
+    assert "reusing 8 class images" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in sorted(classes.glob("*.png"))] == [p.stat().st_mtime_ns for p in pngs]
+    first, second = run.batch_indices(0), run.batch_indices(1)
+    for idx in (first, second):
+        assert (idx[:4] < 48).all() and (idx[4:] >= 48).all() and len(idx) == 8
+    assert sorted(np.concatenate([first[4:], second[4:]]).tolist()) == list(range(48, 56))
+    assert run.data.captions[first[-1]] == "a circle"
+    latents, emb = run.batch(first)  # the cache holds the class images' latents like the user's
+    assert latents.shape[0] == 8 and torch.isfinite(latents).all()
+
+    # another prompt is drawn again; the folder is replaced whole
+    setup(_cfg(micro_model, micro_data, tmp_path / "c", [f"prior.dir={classes}", "prior.class_prompt=a square"]))
+    assert "drawing 8 images of 'a square'" in capsys.readouterr().out
+    assert json.loads((classes / "prior.json").read_text())["prompt"] == "a square"
+
+
+def test_the_class_images_weigh_prior_weight_in_the_loss(micro_model, micro_data, tmp_path):
+    run = setup(_cfg(micro_model, micro_data, tmp_path / "run"))
+    latents, emb = run.batch(run.batch_indices(0))
+
+    def loss(prior):
+        torch.manual_seed(0)  # the same noise and timesteps each time
+        with torch.no_grad():
+            return run.model.loss(latents, emb, prior).item()
+
+    users, w1, w3, plain = loss((4, 0.0)), loss((4, 1.0)), loss((4, 3.0)), loss(None)
+    classes = w1 - users
+    assert classes > 0 and w3 == pytest.approx(users + 3 * classes, rel=1e-5)
+    assert plain == pytest.approx((users + classes) / 2, rel=1e-5)  # equal halves: the plain mean
+
+
+def test_too_few_class_images_for_a_batch_is_refused_before_drawing(micro_model, micro_data, tmp_path):
+    with pytest.raises(UserError, match="prior.num_images"):
+        setup(_cfg(micro_model, micro_data, tmp_path / "run", ["prior.num_images=2"]))
+    assert not (tmp_path / "run" / "class_images").exists()
+
+
+def test_prior_preservation_needs_a_unet_stage():
+    with pytest.raises(ValueError, match="prior.class_prompt"):
+        TrainConfig.model_validate({"train": {"what": "vae"}, "prior": {"class_prompt": "a cat"}})
