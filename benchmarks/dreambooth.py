@@ -9,12 +9,16 @@
 3. Generations of the base and both fine-tunes, read by the domain classifier:
    - subject: "a sks triangle <where>" drawn as an orange triangle (and at the asked position);
    - the class word: "a triangle <where>" drawn orange (language drift: the base's share is the
-     reference) and how many colours "a triangle" still comes in;
+     reference) and how far its colours moved from the base's (total variation distance);
    - everything else: shape+colour adherence on prompts of known concepts.
    Plus a grid (rows: base, without prior, with prior).
 
     python benchmarks/dreambooth.py             # writes benchmarks/results/dreambooth.json
     python benchmarks/dreambooth.py --quick     # a few steps, few images: checks the plumbing
+    python benchmarks/dreambooth.py --set train.what=lora --set train.learning_rate=1e-3   # another recipe
+
+One seed and 72 images per prompt kind: differences under about 8 points (two binomial standard
+errors) are not told apart.
 """
 from __future__ import annotations
 
@@ -99,22 +103,25 @@ def score(model_dir: str, clf, per_place: int, n_known: int, steps: int) -> tupl
         return round(100 * float(np.mean(xs)), 1)
 
     s, c = pred["subject"], pred["class"]
-    colours = Counter(c["colour"])
-    p = np.array(list(colours.values()), dtype=float) / len(c["colour"])
     result = {
         "subject_shape_and_colour": pct([sh == SUBJECT["shape"] and co == SUBJECT["colour"]
                                          for sh, co in zip(s["shape"], s["colour"])]),
         "subject_position": pct([po == want for po, (_, want) in zip(s["position"], subj)]),
         "class_shape": pct([sh == SUBJECT["shape"] for sh in c["shape"]]),
         "class_drawn_in_subject_colour": pct([co == SUBJECT["colour"] for co in c["colour"]]),
-        "class_colours_seen": len(colours),
-        "class_colour_entropy_bits": round(float(-(p * np.log2(p)).sum()), 2),
+        "class_colours": dict(Counter(c["colour"]).most_common()),
         "class_position": pct([po == want for po, (_, want) in zip(c["position"], cls)]),
         "known_shape_and_colour": pct([
             sh == parse_caption(t)["objects"][0]["shape"] and co == parse_caption(t)["objects"][0]["colour"]
             for sh, co, t in zip(pred["known"]["shape"], pred["known"]["colour"], known)]),
         "images": {k: len(v) for k, v in images.items()}}
     return result, images
+
+
+def total_variation(a: dict[str, int], b: dict[str, int]) -> float:
+    """Total variation distance between two colour counts, in percent."""
+    na, nb = sum(a.values()), sum(b.values())
+    return round(50 * sum(abs(a.get(k, 0) / na - b.get(k, 0) / nb) for k in set(a) | set(b)), 1)
 
 
 def train(cli: list[str], config: str, out: Path, extra: list[str]) -> tuple[float, dict]:
@@ -134,18 +141,23 @@ def main() -> None:
     ap.add_argument("--known", type=int, default=96, help="prompts of known concepts")
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--quick", action="store_true", help="a few training steps, few images")
-    ap.add_argument("--out", default="benchmarks/results/dreambooth.json")
-    ap.add_argument("--grid", default="docs/dreambooth-grid.png")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/dreambooth.json (--quick: in --work)")
+    ap.add_argument("--grid", default=None, help="default: docs/dreambooth-grid.png (--quick: in --work)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training override for both runs (repeatable), e.g. train.learning_rate=3e-5")
     a = ap.parse_args()
     quiet_libraries()
     from evaluation.classifier import load_classifier
 
     work = Path(a.work)
+    a.out = a.out or str(work / "dreambooth.json" if a.quick else "benchmarks/results/dreambooth.json")
+    a.grid = a.grid or str(work / "dreambooth-grid.png" if a.quick else "docs/dreambooth-grid.png")
     t0 = time.time()
     write_subject(work / "subject", a.seed)
     cli = [sys.executable, "-m", "pipeline.cli"]
-    common = [f"model.pretrained={a.base}", f"data.path={work / 'subject'}", f"prior.dir={work / 'class_images'}"]
+    common = [f"model.pretrained={a.base}", f"data.path={work / 'subject'}", f"prior.dir={work / 'class_images'}",
+              *a.set]
     if a.quick:
         common += ["train.max_steps=4", "prior.num_images=8", "prior.steps=4", "logging.final_samples=false"]
         a.per_place, a.known, a.steps = 1, 8, 4
@@ -157,9 +169,13 @@ def main() -> None:
     scores, images = {}, {}
     for name, model in [("base", a.base)] + [(n, str(out / "model")) for n, (out, _) in runs.items()]:
         scores[name], images[name] = score(model, clf, a.per_place, a.known, a.steps)
+        # how far "a triangle"'s colours moved from the base's: total variation distance, 0 (same) to 100 (disjoint)
+        scores[name]["class_colour_shift_from_base"] = total_variation(scores[name]["class_colours"],
+                                                                       scores["base"]["class_colours"])
         print(name, json.dumps({k: v for k, v in scores[name].items() if k != "images"}), flush=True)
     result = {"subject": SUBJECT, "token": TOKEN, "subject_images": len(PLACES), "scores": scores,
-              "train_wall_s": {k: round(v, 1) for k, v in walls.items()},
+              "train_wall_s": {k: round(v, 1) for k, v in walls.items()},  # the command: start-up, drawing, saving
+              "train_loop_s": {k: r["wall_time_s"] for k, r in reports.items()},
               "train_steps": {k: r["steps"] for k, r in reports.items()},
               "class_images": reports["with prior"].get("class_images"), "config": a.config,
               "overrides": common, "sampling_steps": a.steps, "total_wall_s": round(time.time() - t0, 1)}

@@ -69,6 +69,33 @@ def test_too_few_class_images_for_a_batch_is_refused_before_drawing(micro_model,
     assert not (tmp_path / "run" / "class_images").exists()
 
 
+def test_a_folder_t2i_did_not_draw_is_never_replaced(micro_model, micro_data, tmp_path):
+    mine = tmp_path / "my-cats"
+    mine.mkdir()
+    (mine / "cat.png").write_bytes(b"my photo")
+    with pytest.raises(UserError, match="did not draw"):
+        setup(_cfg(micro_model, micro_data, tmp_path / "run", [f"prior.dir={mine}"]))
+    assert (mine / "cat.png").read_bytes() == b"my photo"
+    with pytest.raises(UserError, match="training data"):
+        setup(_cfg(micro_model, micro_data, tmp_path / "run", [f"prior.dir={micro_data}"]))
+
+
+def test_class_images_are_drawn_by_the_model_as_loaded(micro_model, micro_data, tmp_path):
+    """A fine-tune that switches the model to v-prediction with zero terminal SNR still draws its class
+    images with the model's own epsilon schedule (read as v they would be noise)."""
+    from core.sampling import GenerationRequest, load_generator
+
+    classes = tmp_path / "classes"
+    setup(_cfg(micro_model, micro_data, tmp_path / "run", [f"prior.dir={classes}", "train.prediction_type=v_prediction",
+                                                           "train.zero_terminal_snr=true"]))
+    from PIL import Image
+
+    drawn = np.asarray(Image.open(classes / "class-00003.png"))
+    gen = load_generator(str(micro_model), scheduler="dpm")
+    want = gen.generate([GenerationRequest("a circle", num_inference_steps=2, guidance_scale=5.0, seed=3)])[0][0]
+    assert np.abs(drawn.astype(int) - want.astype(int)).max() <= 1
+
+
 def test_prior_preservation_needs_a_unet_stage():
     with pytest.raises(ValueError, match="prior.class_prompt"):
         TrainConfig.model_validate({"train": {"what": "vae"}, "prior": {"class_prompt": "a cat"}})

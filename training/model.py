@@ -110,9 +110,12 @@ class LatentDiffusion:
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
         if self.snr_gamma is not None:
             per = per * snr_loss_weights(compute_snr(sched, t), self.snr_gamma, sched.config.prediction_type)
-        if prior is not None and 0 < prior[0] < bsz:
+        if prior is not None:
             k, weight = prior
-            return per[:k].mean() + weight * per[k:].mean()
+            if k == 0:  # this process's micro-batch holds class images only (fewer of the user's than processes)
+                return weight * per.mean()
+            if k < bsz:
+                return per[:k].mean() + weight * per[k:].mean()
         return per.mean()
 
     def vae_loss(self, pixels: torch.Tensor, kl_weight: float) -> torch.Tensor:

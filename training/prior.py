@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from core.datasets import LoadedImages, load_imagefolder
+from core.errors import UserError
 from core.io import atomic_dir, write_json
 from training.config import TrainConfig
 
@@ -30,46 +31,83 @@ def class_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.prior.dir) if cfg.prior.dir else Path(cfg.output_dir) / "class_images"
 
 
-def _model_fingerprint(pretrained: str) -> list:
-    """The model's weight files (name, size, mtime) when it is a local folder; its name otherwise."""
-    root = Path(pretrained)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+
+
+def _model_fingerprint(path: str | None) -> list:
+    """A local model's weight files (name, size, mtime); a hub id's name (its revision is not checked)."""
+    if path is None:
+        return []
+    root = Path(path)
     if not root.is_dir():
-        return [pretrained]
+        return [path]
     return [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns]
-            for f in sorted(root.rglob("*.safetensors"))]
+            for f in sorted(root.rglob("*")) if f.suffix in WEIGHT_SUFFIXES]
 
 
 def spec(cfg: TrainConfig, resolution: int) -> dict:
     """What the class images depend on: a folder drawn with another spec is drawn again."""
     p = cfg.prior
     return {"model": cfg.model.pretrained, "weights": _model_fingerprint(cfg.model.pretrained),
-            "vae": cfg.model.vae, "prompt": p.class_prompt, "num_images": p.num_images, "steps": p.steps,
-            "guidance": p.guidance, "resolution": resolution,
-            "prediction_type": cfg.train.prediction_type, "zero_terminal_snr": cfg.train.zero_terminal_snr}
+            "vae": cfg.model.vae, "vae_weights": _model_fingerprint(cfg.model.vae), "prompt": p.class_prompt,
+            "num_images": p.num_images, "steps": p.steps, "guidance": p.guidance, "resolution": resolution}
 
 
 def _matches(folder: Path, want: dict) -> bool:
+    """The folder was drawn with these settings and still holds every image."""
     try:
-        return json.loads((folder / SPEC_FILE).read_text()) == json.loads(json.dumps(want))
+        same = json.loads((folder / SPEC_FILE).read_text()) == json.loads(json.dumps(want))
     except (OSError, ValueError):
         return False
+    return same and all((folder / _name(i)).is_file() for i in range(want["num_images"]))
+
+
+def _name(i: int) -> str:
+    return f"class-{i:05d}.png"
+
+
+def check_folder(cfg: TrainConfig) -> Path:
+    """The class folder, refused when drawing would replace something that is not ours: a folder without
+    prior.json that holds files (the user's own class photos, say), or the training data itself."""
+    folder = class_dir(cfg)
+    if folder.resolve() == Path(cfg.data.path).resolve():
+        raise UserError(f"prior.dir is the training data folder ({cfg.data.path}): the class images need a "
+                        "folder of their own")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / SPEC_FILE).exists():
+        raise UserError(f"prior.dir {folder} holds files that t2i did not draw (no {SPEC_FILE}); drawing the "
+                        "class images would replace them: give prior.dir an empty or new folder")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"prior.dir {folder} is a file, not a folder")
+    return folder
 
 
 @torch.no_grad()
-def draw(model, cfg: TrainConfig, resolution: int, folder: Path, show: bool = True) -> None:
-    """Draws prior.num_images images of prior.class_prompt (seeds 0..n-1) into ``folder``, atomically."""
-    from core.sampling import GenerationRequest
+def draw(comps, cfg: TrainConfig, resolution: int, folder: Path, device, show: bool = True) -> None:
+    """Draws prior.num_images images of prior.class_prompt (seeds 0..n-1) with the model as loaded (its own
+    scheduler: before a fine-tune changes its prediction type or schedule) into ``folder``, atomically."""
+    from core.sampling import GenerationRequest, generator_from_parts
 
     p = cfg.prior
-    gen = model.generator()
+    sched = dict(comps.sample_scheduler_config)
+    sched.update(_class_name="DPMSolverMultistepScheduler", prediction_type=comps.noise_scheduler.config.prediction_type)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # the sampler turns TF32 on
+    gen = generator_from_parts(comps.text_encoder, comps.unet, comps.vae, comps.tokenizer, sched, device=device)
     reqs = [GenerationRequest(p.class_prompt, num_inference_steps=p.steps, guidance_scale=p.guidance, seed=i,
                               width=resolution, height=resolution) for i in range(p.num_images)]
+    try:
+        _draw_into(gen, reqs, cfg, resolution, folder, show)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _draw_into(gen, reqs, cfg: TrainConfig, resolution: int, folder: Path, show: bool) -> None:
+    p = cfg.prior
     with atomic_dir(folder) as tmp:
         rows = []
         with tqdm(total=len(reqs), desc="drawing class images", unit="img", disable=not show) as bar:
             for start in range(0, len(reqs), DRAW_BATCH):
                 for i, imgs in enumerate(gen.generate(reqs[start:start + DRAW_BATCH]), start):
-                    name = f"class-{i:05d}.png"
+                    name = _name(i)
                     Image.fromarray(np.asarray(imgs[0])).save(tmp / name)
                     rows.append({"file_name": name, "text": p.class_prompt})
                     bar.update(1)
@@ -77,14 +115,15 @@ def draw(model, cfg: TrainConfig, resolution: int, folder: Path, show: bool = Tr
         write_json(tmp / SPEC_FILE, spec(cfg, resolution))
 
 
-def class_images(model, cfg: TrainConfig, resolution: int, is_main: bool, say=print) -> LoadedImages:
-    """The class images of prior.class_prompt, drawn by ``model`` unless a matching folder exists.
+def class_images(comps, cfg: TrainConfig, resolution: int, device, is_main: bool, say=print) -> LoadedImages:
+    """The class images of prior.class_prompt, drawn by the model (``comps``, as loaded) unless a folder
+    drawn with the same settings exists.
 
     Only the main process draws (the caller runs it first); the others read its folder. The global
     random state is left as it was, so a run draws the same training noise whether or not the images
     were drawn in it.
     """
-    folder = class_dir(cfg)
+    folder = check_folder(cfg)
     want = spec(cfg, resolution)
     if _matches(folder, want):
         say(f"prior preservation: reusing {cfg.prior.num_images} class images in {folder}")
@@ -92,8 +131,12 @@ def class_images(model, cfg: TrainConfig, resolution: int, is_main: bool, say=pr
         say(f"prior preservation: drawing {cfg.prior.num_images} images of {cfg.prior.class_prompt!r} "
             f"into {folder}")
         with torch.random.fork_rng(devices=[]):
-            draw(model, cfg, resolution, folder)
-    return load_imagefolder(str(folder), resolution)
+            draw(comps, cfg, resolution, folder, device, show=is_main)
+    images = load_imagefolder(str(folder), resolution, on_bad_image="error")
+    if len(images.captions) != cfg.prior.num_images:
+        raise UserError(f"prior.dir {folder} holds {len(images.captions)} class images, not prior.num_images="
+                        f"{cfg.prior.num_images}: delete the folder to draw them again")
+    return images
 
 
 def merged(instance: LoadedImages, cls: LoadedImages) -> LoadedImages:

@@ -93,6 +93,7 @@ class Run:
         # `accelerate launch --multi_gpu` / torchrun start several processes on a CPU machine.
         cpu = not torch.cuda.is_available()
         # a preset or the synthetic dataset is rendered once, by the main process; the others wait for it
+        self.rebuilt_unet = False
         with PartialState(cpu=cpu).main_process_first():
             comps = load_components(cfg.model.pretrained, cache_dir=self.out.parent / ".presets")
             if cfg.model.vae:
@@ -101,6 +102,7 @@ class Run:
                 with torch.random.fork_rng():  # the rebuilt conv_in is the same for the same seed
                     torch.manual_seed(t.seed)
                     note, rebuilt = swap_vae(comps, cfg.model.vae)
+                self.rebuilt_unet = rebuilt
                 if rebuilt and t.what != "unet":
                     raise UserError(f"model.vae has other latent channels than the model's UNet, whose first and "
                                     f"last convolutions are new: train.what=unet trains them; with train.what="
@@ -139,11 +141,11 @@ class Run:
                 raise UserError(problem)
             if problem:
                 acc.print(f"warning: {problem}")
+        self.n_instance, self.n_class = len(self.data.captions), 0
+        if cfg.prior.class_prompt is not None:  # drawn by the model as loaded, before the fine-tune changes it
+            self._add_class_images(comps, cpu)
         self.model = LatentDiffusion(comps, t.prediction_type, t.snr_gamma, t.noise_offset, t.zero_terminal_snr,
                                      (t.timestep_bias, t.timestep_bias_portion, t.timestep_bias_multiplier))
-        self.n_instance, self.n_class = len(self.data.captions), 0
-        if cfg.prior.class_prompt is not None:  # drawn by the model before any weight trains
-            self._add_class_images(cpu)
         self.trainable = self._select_trainable(comps)
         trains_text = t.train_text_encoder or bool(t.focus_token_learning_rate)
         self.cache_latents = t.cache and t.what != "vae"
@@ -181,18 +183,24 @@ class Run:
         if acc.is_main_process:
             acc.init_trackers("t2i", config=_flat_hparams(cfg))
 
-    def _add_class_images(self, cpu: bool) -> None:
+    def _add_class_images(self, comps, cpu: bool) -> None:
         """Prior preservation: the class images follow the user's in self.data (rows >= n_instance)."""
         from accelerate import PartialState
 
-        from training.prior import class_images, merged
+        from training.prior import check_folder, class_images, merged
 
         per = self.cfg.train.batch_size * self.acc.num_processes
         if self.cfg.prior.num_images < per:
             raise UserError(f"prior.num_images ({self.cfg.prior.num_images}) must be at least the images of "
                             f"one batch ({per}): each batch trains on as many class images as of yours")
+        if self.rebuilt_unet:
+            raise UserError("model.vae has other latent channels than the model's UNet, whose rebuilt first and "
+                            "last convolutions are untrained: it cannot draw class images. Re-adapt the UNet "
+                            "to the VAE first, then fine-tune with prior.class_prompt")
+        check_folder(self.cfg)
         with PartialState(cpu=cpu).main_process_first():
-            cls = class_images(self.model, self.cfg, self.resolution, self.acc.is_main_process, self.acc.print)
+            cls = class_images(comps, self.cfg, self.resolution, self.acc.device, self.acc.is_main_process,
+                               self.acc.print)
         self.n_class = len(cls.captions)
         self.data = merged(self.data, cls)
 
