@@ -145,11 +145,9 @@ class LatentDiffusion:
         its sample grids with, and what the saved model dir will draw."""
         from core.sampling import generator_from_parts
 
-        cfg = dict(self.c.sample_scheduler_config)
-        cfg.update(_class_name="DPMSolverMultistepScheduler", prediction_type=self.noise_scheduler.config.prediction_type)
         device = next(unwrap(self.unet).parameters()).device
         return generator_from_parts(unwrap(self.text_encoder), unwrap(self.unet), unwrap(self.vae), self.tokenizer,
-                                    cfg, device=device)
+                                    self.c.sampler_config(), device=device)
 
     def pipeline(self):
         """A diffusers StableDiffusionPipeline over the in-memory modules, for saving the model dir."""

@@ -186,6 +186,11 @@ class Components:
     def resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale
 
+    def sampler_config(self) -> dict:
+        """The config of the sampler the model draws with (DPM-Solver, the noise schedule's prediction type)."""
+        return {**self.sample_scheduler_config, "_class_name": "DPMSolverMultistepScheduler",
+                "prediction_type": self.noise_scheduler.config.prediction_type}
+
 
 def load_components(model: str, cache_dir: str | Path | None = None) -> Components:
     """Loads tokenizer, text encoder, VAE, UNet and schedulers from a preset name, dir or hub id."""

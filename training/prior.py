@@ -82,29 +82,28 @@ def check_folder(cfg: TrainConfig) -> Path:
 
 
 @torch.no_grad()
-def draw(comps, cfg: TrainConfig, resolution: int, folder: Path, device, show: bool = True) -> None:
+def draw(comps, cfg: TrainConfig, resolution: int, folder: Path, device) -> None:
     """Draws prior.num_images images of prior.class_prompt (seeds 0..n-1) with the model as loaded (its own
     scheduler: before a fine-tune changes its prediction type or schedule) into ``folder``, atomically."""
     from core.sampling import GenerationRequest, generator_from_parts
 
     p = cfg.prior
-    sched = dict(comps.sample_scheduler_config)
-    sched.update(_class_name="DPMSolverMultistepScheduler", prediction_type=comps.noise_scheduler.config.prediction_type)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # the sampler turns TF32 on
-    gen = generator_from_parts(comps.text_encoder, comps.unet, comps.vae, comps.tokenizer, sched, device=device)
+    gen = generator_from_parts(comps.text_encoder, comps.unet, comps.vae, comps.tokenizer, comps.sampler_config(),
+                               device=device)
     reqs = [GenerationRequest(p.class_prompt, num_inference_steps=p.steps, guidance_scale=p.guidance, seed=i,
                               width=resolution, height=resolution) for i in range(p.num_images)]
     try:
-        _draw_into(gen, reqs, cfg, resolution, folder, show)
+        _draw_into(gen, reqs, cfg, resolution, folder)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _draw_into(gen, reqs, cfg: TrainConfig, resolution: int, folder: Path, show: bool) -> None:
+def _draw_into(gen, reqs, cfg: TrainConfig, resolution: int, folder: Path) -> None:
     p = cfg.prior
     with atomic_dir(folder) as tmp:
         rows = []
-        with tqdm(total=len(reqs), desc="drawing class images", unit="img", disable=not show) as bar:
+        with tqdm(total=len(reqs), desc="drawing class images", unit="img") as bar:
             for start in range(0, len(reqs), DRAW_BATCH):
                 for i, imgs in enumerate(gen.generate(reqs[start:start + DRAW_BATCH]), start):
                     name = _name(i)
@@ -131,7 +130,7 @@ def class_images(comps, cfg: TrainConfig, resolution: int, device, is_main: bool
         say(f"prior preservation: drawing {cfg.prior.num_images} images of {cfg.prior.class_prompt!r} "
             f"into {folder}")
         with torch.random.fork_rng(devices=[]):
-            draw(comps, cfg, resolution, folder, device, show=is_main)
+            draw(comps, cfg, resolution, folder, device)
     images = load_imagefolder(str(folder), resolution, on_bad_image="error")
     if len(images.captions) != cfg.prior.num_images:
         raise UserError(f"prior.dir {folder} holds {len(images.captions)} class images, not prior.num_images="

@@ -197,7 +197,7 @@ class Run:
             raise UserError("model.vae has other latent channels than the model's UNet, whose rebuilt first and "
                             "last convolutions are untrained: it cannot draw class images. Re-adapt the UNet "
                             "to the VAE first, then fine-tune with prior.class_prompt")
-        check_folder(self.cfg)
+        check_folder(self.cfg)  # on every process, before the main one draws: a refusal leaves none waiting
         with PartialState(cpu=cpu).main_process_first():
             cls = class_images(comps, self.cfg, self.resolution, self.acc.device, self.acc.is_main_process,
                                self.acc.print)
