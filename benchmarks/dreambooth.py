@@ -10,12 +10,15 @@
    - subject: "a sks triangle <where>" drawn as an orange triangle (and at the asked position);
    - the class word: "a triangle <where>" drawn orange (language drift: the base's share is the
      reference) and how far its colours moved from the base's (total variation distance);
+   - the class word with a colour: "a red triangle <where>" (the seven known colours other than the
+     subject's) drawn as a triangle of that colour, not the subject's;
    - everything else: shape+colour adherence on prompts of known concepts.
    Plus a grid (rows: base, without prior, with prior).
 
     python benchmarks/dreambooth.py             # writes benchmarks/results/dreambooth.json
     python benchmarks/dreambooth.py --quick     # a few steps, few images: checks the plumbing
     python benchmarks/dreambooth.py --set train.what=lora --set train.learning_rate=1e-3   # another recipe
+    python benchmarks/dreambooth.py --set "prior.class_prompt=[a red triangle, a blue triangle]"  # other class prompts
 
 One seed and 72 images per prompt kind: differences under about 8 points (two binomial standard
 errors) are not told apart.
@@ -70,6 +73,18 @@ def prompts(kind: str, per_place: int) -> list[tuple[str, str | None]]:
     return [(f"{word} {phrase}", pos) for pos, phrase in WHERE.items() for _ in range(per_place)]
 
 
+OTHER_COLOURS = ["red", "green", "blue", "yellow", "pink", "cyan", "brown"]  # known to the base, not the subject's
+
+
+def coloured_prompts(per_place: int) -> list[tuple[str, str]]:
+    """(prompt, asked colour) pairs: the class word with each other known colour in turn, at the nine places."""
+    out = []
+    for k, phrase in enumerate(p for p in WHERE.values() for _ in range(per_place)):
+        colour = OTHER_COLOURS[k % len(OTHER_COLOURS)]
+        out.append((f"a {colour} {SUBJECT['shape']} {phrase}", colour))
+    return out
+
+
 def known_prompts(n: int) -> list[str]:
     """Prompts of concepts the base knows (one object with a shape and a colour)."""
     out = []
@@ -95,8 +110,9 @@ def generate(model_dir: str, texts: list[str], steps: int) -> np.ndarray:
 
 def score(model_dir: str, clf, per_place: int, n_known: int, steps: int) -> tuple[dict, dict]:
     subj, cls, known = prompts("subject", per_place), prompts("class", per_place), known_prompts(n_known)
+    coloured = coloured_prompts(per_place)
     images = {name: generate(model_dir, [t for t, *_ in ps] if name != "known" else ps, steps)
-              for name, ps in (("subject", subj), ("class", cls), ("known", known))}
+              for name, ps in (("subject", subj), ("class", cls), ("known", known), ("coloured", coloured))}
     pred = {name: clf.predict(torch.from_numpy(im)) for name, im in images.items()}
 
     def pct(xs) -> float:
@@ -111,6 +127,9 @@ def score(model_dir: str, clf, per_place: int, n_known: int, steps: int) -> tupl
         "class_drawn_in_subject_colour": pct([co == SUBJECT["colour"] for co in c["colour"]]),
         "class_colours": dict(Counter(c["colour"]).most_common()),
         "class_position": pct([po == want for po, (_, want) in zip(c["position"], cls)]),
+        "coloured_class_shape_and_colour": pct([sh == SUBJECT["shape"] and co == want for sh, co, (_, want)
+                                                in zip(pred["coloured"]["shape"], pred["coloured"]["colour"], coloured)]),
+        "coloured_class_drawn_in_subject_colour": pct([co == SUBJECT["colour"] for co in pred["coloured"]["colour"]]),
         "known_shape_and_colour": pct([
             sh == parse_caption(t)["objects"][0]["shape"] and co == parse_caption(t)["objects"][0]["colour"]
             for sh, co, t in zip(pred["known"]["shape"], pred["known"]["colour"], known)]),

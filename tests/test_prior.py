@@ -99,3 +99,31 @@ def test_class_images_are_drawn_by_the_model_as_loaded(micro_model, micro_data, 
 def test_prior_preservation_needs_a_unet_stage():
     with pytest.raises(ValueError, match="prior.class_prompt"):
         TrainConfig.model_validate({"train": {"what": "vae"}, "prior": {"class_prompt": "a cat"}})
+
+
+def test_a_list_of_class_prompts_is_drawn_in_turn(micro_model, micro_data, tmp_path, capsys):
+    """Class image i comes from prompt i mod the list's length (its caption says which); the folder is
+    reused for the same list and drawn again for another; an empty or blank prompt is refused."""
+    classes = tmp_path / "classes"
+    cfg = _cfg(micro_model, micro_data, tmp_path / "a", [f"prior.dir={classes}",
+                                                          "prior.class_prompt=[a red circle, a blue circle, a circle]"])
+    setup(cfg)
+    assert "drawing 8 images of 3 class prompts" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (classes / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["a red circle", "a blue circle", "a circle"] * 2 + ["a red circle",
+                                                                                              "a blue circle"]
+    from PIL import Image
+
+    from core.sampling import GenerationRequest, load_generator
+    gen = load_generator(str(micro_model), scheduler="dpm")
+    want = gen.generate([GenerationRequest("a blue circle", num_inference_steps=2, guidance_scale=5.0, seed=4)])[0][0]
+    drawn = np.asarray(Image.open(classes / "class-00004.png"))
+    assert np.abs(drawn.astype(int) - want.astype(int)).max() <= 1
+    setup(cfg)
+    assert "reusing 8 class images" in capsys.readouterr().out
+    setup(_cfg(micro_model, micro_data, tmp_path / "b", [f"prior.dir={classes}",
+                                                          "prior.class_prompt=[a red circle, a blue circle]"]))
+    assert "drawing 8 images of 2 class prompts" in capsys.readouterr().out
+    for bad, why in (("[]", "empty list"), ("[a circle, ' ']", "blank")):
+        with pytest.raises(UserError, match=why):
+            _cfg(micro_model, micro_data, tmp_path / "c", [f"prior.class_prompt={bad}"])

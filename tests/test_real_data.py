@@ -134,6 +134,39 @@ def test_autoencoder_run_continues_exactly_after_an_interruption(micro_model, tm
         main(cfg(tmp_path / "stopped", learning_rate=1e-3))
 
 
+def test_a_decoder_refinement_keeps_the_latents_and_the_photo_floor(micro_model, tmp_path):
+    """decoder_only leaves the encoder (so the latents a UNet was trained on) bit for bit; select_by
+    picks the kept checkpoint by the synthetic world's PSNR, never one under min_psnr_photos."""
+    from diffusers import AutoencoderKL
+
+    from training.autoencoder import _better, main
+    from training.config import AutoencoderConfig
+
+    def cfg(out, **kw):
+        return AutoencoderConfig(base=str(micro_model), output_dir=str(out), steps=4, batch_size=4, eval_every=2,
+                                 held_out=["skimage:coffee"], decoder_only=True, select_by="synthetic", **kw)
+
+    kept = main(cfg(tmp_path / "refine"))
+    rows = [json.loads(line) for line in open(tmp_path / "refine/metrics.jsonl")]
+    assert kept == max(rows[1:], key=lambda r: r["psnr_synthetic"])
+    old = AutoencoderKL.from_pretrained(micro_model / "vae").state_dict()
+    new = AutoencoderKL.from_pretrained(tmp_path / "refine/vae").state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(new[k].equal(old[k]) for k in frozen)
+    assert any(not new[k].equal(old[k]) for k in old if k.startswith("decoder."))
+
+    assert main(cfg(tmp_path / "floor", min_psnr_photos=99.0))["step"] == 0  # nothing reached the floor
+    assert not (tmp_path / "floor/vae").exists()
+
+    base = {"step": 0, "psnr_photos": 26.0, "psnr_synthetic": 32.0}
+    sharper_world = {"step": 2, "psnr_photos": 25.6, "psnr_synthetic": 32.8}
+    sharper_photos = {"step": 4, "psnr_photos": 26.5, "psnr_synthetic": 32.5}
+    c = cfg(tmp_path, min_psnr_photos=25.5)
+    assert _better(sharper_world, base, c) and not _better(sharper_photos, sharper_world, c)
+    assert not _better({**sharper_world, "psnr_photos": 25.4}, base, c)
+    assert _better(sharper_photos, sharper_world, c.model_copy(update={"select_by": "photos"}))
+
+
 def test_a_fresh_autoencoder_with_more_latent_channels_swaps_into_a_model_that_then_trains(
         micro_model, micro_data, tmp_path):
     """new_architecture trains a fresh VAE (8 latent channels here; no old latents to anchor to, so

@@ -6,7 +6,7 @@ jitter, grayscale), procedural textures and the synthetic world, with a latent a
 synthetic images (``AutoencoderConfig.anchor_weight``): the encoder keeps the old latents of the
 world and the decoder keeps decoding them, so the base UNet, trained on those latents, stays
 valid. Whole photos are held out for the PSNR figure. Writes OUT/vae (the best held-out
-checkpoint), OUT/metrics.jsonl and, at every evaluation, OUT/resume/ (weights, optimizer, schedule
+checkpoint, or the best synthetic one above a photo floor: ``select_by``), OUT/metrics.jsonl and, at every evaluation, OUT/resume/ (weights, optimizer, schedule
 and sampling state as safetensors + JSON): a run that is stopped continues from there when started
 again with the same config.
 """
@@ -86,7 +86,7 @@ RESUME_EVERY = 50
 
 
 def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
-    """Trains; returns the best evaluation (by held-out photo PSNR). ``stop_at`` ends the run after
+    """Trains; returns the kept evaluation (``select_by``, ``min_psnr_photos``). ``stop_at`` ends the run after
     that step as an interrupted run would end (OUT/resume written); the next call continues it."""
     from diffusers import AutoencoderKL
 
@@ -121,8 +121,8 @@ def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
     else:
         rows = [json.loads(line) for line in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").is_file() else []
         _write_metrics(out / "metrics.jsonl", [r for r in rows if r["step"] <= start])
-        print(f"continuing from step {start} (OUT/resume); best so far: step {best['step']}, "
-              f"{best['psnr_photos']} dB on the held-out photos")
+        print(f"continuing from step {start} (OUT/resume); kept so far: step {best['step']}, "
+              f"{best[f'psnr_{cfg.select_by}']} dB ({cfg.select_by})")
     n_syn = int(round(cfg.batch_size * cfg.synthetic_fraction))
     n_tex = int(round(cfg.batch_size * cfg.texture_fraction))
     t0 = time.time()
@@ -148,10 +148,10 @@ def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", best_psnr=best["psnr_photos"])
+        bar.set_postfix(loss=f"{loss.item():.4f}", kept_psnr=best[f"psnr_{cfg.select_by}"])
         if step % cfg.eval_every == 0 or step == cfg.steps:
             m = {"step": step, "wall_s": round(time.time() - t0, 1), **evaluate(vae, old, sets)}
-            if m["psnr_photos"] > best["psnr_photos"] or best["step"] == 0:
+            if _better(m, best, cfg):
                 best = m
                 if cfg.new_architecture:  # a new latent space: SD's rule, 1 / std of its latents
                     vae.register_to_config(scaling_factor=_latent_scale(vae, sets))
@@ -165,6 +165,15 @@ def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
         if step == stop_at:
             break
     return best
+
+
+def _better(m: dict, best: dict, cfg: AutoencoderConfig) -> bool:
+    """Whether evaluation ``m`` replaces the kept checkpoint ``best`` (step 0 is the base itself, never
+    written: the first evaluation that passes the photo floor replaces it)."""
+    if cfg.min_psnr_photos is not None and m["psnr_photos"] < cfg.min_psnr_photos:
+        return False
+    key = f"psnr_{cfg.select_by}"
+    return best["step"] == 0 or m[key] > best[key]
 
 
 @torch.no_grad()

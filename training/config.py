@@ -158,11 +158,27 @@ class PriorArgs(Strict):
     before training are trained on beside the user's images, so the class word keeps its meaning
     while a rare token learns the subject."""
 
-    class_prompt: str | None = Field(None, min_length=1)
-    """The subject's class without the rare token (e.g. "a photo of a cat"); null turns prior
+    class_prompt: str | list[str] | None = None
+    """The subject's class without the rare token (e.g. "a photo of a cat"), or a list of such prompts:
+    class image i is drawn from prompt i mod its length, so the class images cover what the list names
+    (the class in several colours, say: [a red triangle, a blue triangle]); null turns prior
     preservation off."""
     num_images: int = Field(100, ge=1)
     """Class images the model draws before training (seeds 0..num_images-1)."""
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _prompts_not_blank(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list draws nothing: give at least one prompt, or null for no prior")
+        if any(not p.strip() for p in ([v] if isinstance(v, str) else v or [])):
+            raise ValueError("a class prompt is blank")
+        return v
+
+    def prompts(self) -> list[str]:
+        """The class prompts as a list (empty when prior preservation is off)."""
+        return [] if self.class_prompt is None else [self.class_prompt] if isinstance(self.class_prompt, str) \
+            else list(self.class_prompt)
     weight: float = Field(1.0, ge=0)
     """Weight of the class images' loss next to the user's images' (DreamBooth's lambda); the logged loss
     is their sum, so it reads about twice a run without the prior."""
@@ -304,5 +320,12 @@ class AutoencoderConfig(Strict):
     needs ``anchor_weight: 0`` when the latent channels differ."""
     eval_every: int = Field(250, ge=1)
     """Steps between evaluations (held-out photos, grayscale, synthetic world)."""
+    select_by: Literal["photos", "synthetic"] = "photos"
+    """Which evaluation's PSNR picks the checkpoint written to OUT/vae: the held-out photos', or the
+    synthetic world's (to refine a decoder for the world without losing the photos: with
+    ``min_psnr_photos``)."""
+    min_psnr_photos: float | None = None
+    """Keep only checkpoints whose held-out photo PSNR (dB) is at least this; none at all if no
+    evaluation reaches it."""
     seed: int = 0
     """Seed of the crops, the scenes and the initialisation of the optimizer state."""

@@ -83,7 +83,8 @@ def check_folder(cfg: TrainConfig) -> Path:
 
 @torch.no_grad()
 def draw(comps, cfg: TrainConfig, resolution: int, folder: Path, device) -> None:
-    """Draws prior.num_images images of prior.class_prompt (seeds 0..n-1) with the model as loaded (its own
+    """Draws prior.num_images images of the class prompts (image i of prompt i mod their count, seed i) with
+    the model as loaded (its own
     scheduler: before a fine-tune changes its prediction type or schedule) into ``folder``, atomically."""
     from core.sampling import GenerationRequest, generator_from_parts
 
@@ -91,7 +92,8 @@ def draw(comps, cfg: TrainConfig, resolution: int, folder: Path, device) -> None
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # the sampler turns TF32 on
     gen = generator_from_parts(comps.text_encoder, comps.unet, comps.vae, comps.tokenizer, comps.sampler_config(),
                                device=device)
-    reqs = [GenerationRequest(p.class_prompt, num_inference_steps=p.steps, guidance_scale=p.guidance, seed=i,
+    prompts = p.prompts()
+    reqs = [GenerationRequest(prompts[i % len(prompts)], num_inference_steps=p.steps, guidance_scale=p.guidance, seed=i,
                               width=resolution, height=resolution) for i in range(p.num_images)]
     try:
         _draw_into(gen, reqs, cfg, resolution, folder)
@@ -100,7 +102,6 @@ def draw(comps, cfg: TrainConfig, resolution: int, folder: Path, device) -> None
 
 
 def _draw_into(gen, reqs, cfg: TrainConfig, resolution: int, folder: Path) -> None:
-    p = cfg.prior
     with atomic_dir(folder) as tmp:
         rows = []
         with tqdm(total=len(reqs), desc="drawing class images", unit="img") as bar:
@@ -108,7 +109,7 @@ def _draw_into(gen, reqs, cfg: TrainConfig, resolution: int, folder: Path) -> No
                 for i, imgs in enumerate(gen.generate(reqs[start:start + DRAW_BATCH]), start):
                     name = _name(i)
                     Image.fromarray(np.asarray(imgs[0])).save(tmp / name)
-                    rows.append({"file_name": name, "text": p.class_prompt})
+                    rows.append({"file_name": name, "text": reqs[i].prompt})
                     bar.update(1)
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         write_json(tmp / SPEC_FILE, spec(cfg, resolution))
@@ -127,8 +128,9 @@ def class_images(comps, cfg: TrainConfig, resolution: int, device, is_main: bool
     if _matches(folder, want):
         say(f"prior preservation: reusing {cfg.prior.num_images} class images in {folder}")
     elif is_main:
-        say(f"prior preservation: drawing {cfg.prior.num_images} images of {cfg.prior.class_prompt!r} "
-            f"into {folder}")
+        prompts = cfg.prior.prompts()
+        what = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} class prompts"
+        say(f"prior preservation: drawing {cfg.prior.num_images} images of {what} into {folder}")
         with torch.random.fork_rng(devices=[]):
             draw(comps, cfg, resolution, folder, device)
     images = load_imagefolder(str(folder), resolution, on_bad_image="error")
