@@ -96,7 +96,8 @@ def _flag_value(f, raw: object):
         return raw
     if raw.lower() in _NONE_WORDS and _allows_none(f.annotation):
         return None
-    if _kind(f.annotation) == "list":
+    accepts_list = any(typing.get_origin(a) is list for a in typing.get_args(f.annotation))  # str | list[str]
+    if _kind(f.annotation) == "list" or (accepts_list and raw.strip().startswith("[")):
         raw = raw.strip()
         if raw.startswith("["):
             raw = raw[1:-1] if raw.endswith("]") else raw[1:]
