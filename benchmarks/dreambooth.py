@@ -45,7 +45,7 @@ from core.images import image_grid  # noqa: E402
 from core.io import save_image, write_json  # noqa: E402
 from core.quiet import quiet_libraries  # noqa: E402
 from core.sampling import GenerationRequest, load_generator  # noqa: E402
-from synthetic.world import caption_corpus, parse_caption, render_scene  # noqa: E402
+from synthetic.world import COLOURS, caption_corpus, parse_caption, render_scene  # noqa: E402
 
 SUBJECT = {"shape": "triangle", "colour": "orange", "size": "large"}
 TOKEN = "sks"
@@ -73,7 +73,7 @@ def prompts(kind: str, per_place: int) -> list[tuple[str, str | None]]:
     return [(f"{word} {phrase}", pos) for pos, phrase in WHERE.items() for _ in range(per_place)]
 
 
-OTHER_COLOURS = ["red", "green", "blue", "yellow", "pink", "cyan", "brown"]  # known to the base, not the subject's
+OTHER_COLOURS = [c for c in COLOURS if c not in (SUBJECT["colour"], "purple")]  # the base's, not the subject's
 
 
 def coloured_prompts(per_place: int) -> list[tuple[str, str]]:
@@ -127,8 +127,9 @@ def score(model_dir: str, clf, per_place: int, n_known: int, steps: int) -> tupl
         "class_drawn_in_subject_colour": pct([co == SUBJECT["colour"] for co in c["colour"]]),
         "class_colours": dict(Counter(c["colour"]).most_common()),
         "class_position": pct([po == want for po, (_, want) in zip(c["position"], cls)]),
-        "coloured_class_shape_and_colour": pct([sh == SUBJECT["shape"] and co == want for sh, co, (_, want)
-                                                in zip(pred["coloured"]["shape"], pred["coloured"]["colour"], coloured)]),
+        "coloured_class_shape_and_colour": pct([
+            sh == SUBJECT["shape"] and co == want
+            for sh, co, (_, want) in zip(pred["coloured"]["shape"], pred["coloured"]["colour"], coloured)]),
         "coloured_class_drawn_in_subject_colour": pct([co == SUBJECT["colour"] for co in pred["coloured"]["colour"]]),
         "known_shape_and_colour": pct([
             sh == parse_caption(t)["objects"][0]["shape"] and co == parse_caption(t)["objects"][0]["colour"]

@@ -97,7 +97,15 @@ def _flag_value(f, raw: object):
     if raw.lower() in _NONE_WORDS and _allows_none(f.annotation):
         return None
     accepts_list = any(typing.get_origin(a) is list for a in typing.get_args(f.annotation))  # str | list[str]
-    if _kind(f.annotation) == "list" or (accepts_list and raw.strip().startswith("[")):
+    if accepts_list and _kind(f.annotation) != "list" and raw.strip().startswith("[") and raw.strip().endswith("]"):
+        import yaml  # a YAML flow list, as key=value reads it: [a cat, 'a dog, sitting']
+
+        try:
+            items = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+        return [str(x) for x in items] if isinstance(items, list) else raw
+    if _kind(f.annotation) == "list":
         raw = raw.strip()
         if raw.startswith("["):
             raw = raw[1:-1] if raw.endswith("]") else raw[1:]

@@ -194,8 +194,11 @@ def run_command(name: str, cfg, ns: argparse.Namespace) -> None:
         from training.autoencoder import main as train_autoencoder
 
         best = train_autoencoder(cfg)
-        print(f"best at step {best['step']}: held-out photos {best['psnr_photos']} dB, grayscale "
-              f"{best['psnr_gray']} dB (chroma error {best['gray_chroma_err']}/255), synthetic world "
+        if best["step"] == 0:
+            raise UserError(f"no evaluation reached min_psnr_photos={cfg.min_psnr_photos} dB, so nothing was "
+                            f"written to {cfg.output_dir}/vae (every evaluation: {cfg.output_dir}/metrics.jsonl)")
+        print(f"kept step {best['step']} (select_by: {cfg.select_by}): held-out photos {best['psnr_photos']} dB, "
+              f"grayscale {best['psnr_gray']} dB (chroma error {best['gray_chroma_err']}/255), synthetic world "
               f"{best['psnr_synthetic']} dB; wrote {cfg.output_dir}/vae")
     elif name == "train-classifier":
         from evaluation.classifier import train_classifier

@@ -58,8 +58,9 @@ def test_every_command_takes_config_overrides_and_flags(tmp_path):
     assert (cfg.train.max_steps, cfg.train.learning_rate) == (7, 2e-3)  # YAML < key=value < flags
     cfg = config_from_args(parse_args(["train", "--prior.class-prompt", "[a red cat, a cat]"]))
     assert cfg.prior.class_prompt == ["a red cat", "a cat"]  # a str | list field reads [..] as a list
-    cfg = config_from_args(parse_args(["train", "--prior.class-prompt", "a cat, sitting"]))
-    assert cfg.prior.class_prompt == "a cat, sitting"
+    for raw, want in (("a cat, sitting", "a cat, sitting"), ("[sks] dog", "[sks] dog"),
+                      ("[a cat, 'a dog, sitting']", ["a cat", "a dog, sitting"])):
+        assert config_from_args(parse_args(["train", "--prior.class-prompt", raw])).prior.class_prompt == want
     res = run_cli("export", "m", "--out", "o", "bogus_key=1")
     assert res.returncode == 2 and "bogus_key" in res.stderr and "max_fid_drift" in res.stderr
     assert "Traceback" not in res.stderr

@@ -124,6 +124,7 @@ def test_a_list_of_class_prompts_is_drawn_in_turn(micro_model, micro_data, tmp_p
     setup(_cfg(micro_model, micro_data, tmp_path / "b", [f"prior.dir={classes}",
                                                           "prior.class_prompt=[a red circle, a blue circle]"]))
     assert "drawing 8 images of 2 class prompts" in capsys.readouterr().out
-    for bad, why in (("[]", "empty list"), ("[a circle, ' ']", "blank")):
+    for bad, why in (("[]", "empty list"), ("[a circle, ' ']", "blank"), ("[1, 2]", "list of prompts"),
+                     ("[" + ", ".join(f"a circle {i}" for i in range(9)) + "]", "never be drawn")):
         with pytest.raises(UserError, match=why):
             _cfg(micro_model, micro_data, tmp_path / "c", [f"prior.class_prompt={bad}"])

@@ -133,6 +133,19 @@ def test_autoencoder_run_continues_exactly_after_an_interruption(micro_model, tm
     with pytest.raises(UserError, match="learning_rate"):
         main(cfg(tmp_path / "stopped", learning_rate=1e-3))
 
+    # a run saved before a setting existed ran with its default: it continues (and is refused otherwise)
+    from training.checkpoints import _save_state
+    main(cfg(tmp_path / "older"), stop_at=3)
+    state = _load_state(tmp_path / "older/resume/state.safetensors")
+    for k in ("select_by", "min_psnr_photos"):
+        del state["config"][k]
+    _save_state(tmp_path / "older/resume/state.safetensors", state)
+    with pytest.raises(UserError, match="select_by"):
+        main(cfg(tmp_path / "older", select_by="synthetic"))
+    main(cfg(tmp_path / "older"))
+    c = load_file(tmp_path / "older/resume/vae.safetensors")
+    assert all(a[k].equal(c[k]) for k in a)
+
 
 def test_a_decoder_refinement_keeps_the_latents_and_the_photo_floor(micro_model, tmp_path):
     """decoder_only leaves the encoder (so the latents a UNet was trained on) bit for bit; select_by
@@ -157,6 +170,11 @@ def test_a_decoder_refinement_keeps_the_latents_and_the_photo_floor(micro_model,
 
     assert main(cfg(tmp_path / "floor", min_psnr_photos=99.0))["step"] == 0  # nothing reached the floor
     assert not (tmp_path / "floor/vae").exists()
+    from tests.conftest import run_cli
+    res = run_cli("train-autoencoder", f"base={micro_model}", f"output_dir={tmp_path / 'floor-cli'}", "steps=4",
+                  "batch_size=4", "eval_every=2", "held_out=[skimage:coffee]", "decoder_only=true",
+                  "min_psnr_photos=99")
+    assert res.returncode == 2 and "nothing was written" in res.stderr and "Traceback" not in res.stderr
 
     base = {"step": 0, "psnr_photos": 26.0, "psnr_synthetic": 32.0}
     sharper_world = {"step": 2, "psnr_photos": 25.6, "psnr_synthetic": 32.8}

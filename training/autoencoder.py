@@ -5,9 +5,10 @@ recipe fine-tunes the whole VAE on crops of the packaged photos (several scales,
 jitter, grayscale), procedural textures and the synthetic world, with a latent anchor on the
 synthetic images (``AutoencoderConfig.anchor_weight``): the encoder keeps the old latents of the
 world and the decoder keeps decoding them, so the base UNet, trained on those latents, stays
-valid. Whole photos are held out for the PSNR figure. Writes OUT/vae (the best held-out
-checkpoint, or the best synthetic one above a photo floor: ``select_by``), OUT/metrics.jsonl and, at every evaluation, OUT/resume/ (weights, optimizer, schedule
-and sampling state as safetensors + JSON): a run that is stopped continues from there when started
+valid. Whole photos are held out for the PSNR figure. Writes OUT/vae (the checkpoint with the best
+held-out photo PSNR, or with the best synthetic one above a photo floor: ``select_by``,
+``min_psnr_photos``), OUT/metrics.jsonl and, at every evaluation, OUT/resume/ (weights, optimizer,
+schedule and sampling state as safetensors + JSON): a run that is stopped continues from there when started
 again with the same config.
 """
 from __future__ import annotations
@@ -239,8 +240,10 @@ def _resume(path: Path, cfg: AutoencoderConfig, vae, opt, sched, rng) -> tuple[i
 
     state = _load_state(path / "state.safetensors")
     same = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "eval_every"}
-    was = {k: v for k, v in state["config"].items() if k != "eval_every"}
-    # a setting added to the code since the run started is absent from its state: absent = null
+    # a setting added to the code since the run started is absent from its state: it ran with the default
+    defaults = AutoencoderConfig().model_dump(mode="json")
+    was = {k: state["config"].get(k, defaults.get(k))
+           for k in same.keys() | state["config"].keys() if k != "eval_every"}
     diff = sorted(k for k in same.keys() | was.keys() if same.get(k) != was.get(k))
     if diff:
         raise UserError(f"{path} was written by a run with other settings ({', '.join(diff)}); "

@@ -166,19 +166,6 @@ class PriorArgs(Strict):
     num_images: int = Field(100, ge=1)
     """Class images the model draws before training (seeds 0..num_images-1)."""
 
-    @field_validator("class_prompt")
-    @classmethod
-    def _prompts_not_blank(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("an empty list draws nothing: give at least one prompt, or null for no prior")
-        if any(not p.strip() for p in ([v] if isinstance(v, str) else v or [])):
-            raise ValueError("a class prompt is blank")
-        return v
-
-    def prompts(self) -> list[str]:
-        """The class prompts as a list (empty when prior preservation is off)."""
-        return [] if self.class_prompt is None else [self.class_prompt] if isinstance(self.class_prompt, str) \
-            else list(self.class_prompt)
     weight: float = Field(1.0, ge=0)
     """Weight of the class images' loss next to the user's images' (DreamBooth's lambda); the logged loss
     is their sum, so it reads about twice a run without the prior."""
@@ -189,6 +176,32 @@ class PriorArgs(Strict):
     """Sampling steps of the class images."""
     guidance: float = 5.0
     """Guidance scale of the class images."""
+
+    @field_validator("class_prompt", mode="before")
+    @classmethod
+    def _prompts_given(cls, v):
+        if v is None:
+            return v
+        if not (isinstance(v, str) or isinstance(v, list | tuple) and all(isinstance(p, str) for p in v)):
+            raise ValueError(f"expected a prompt or a list of prompts, got {v!r}")
+        if not isinstance(v, str) and not v:
+            raise ValueError("an empty list draws nothing: give at least one prompt, or null for no prior")
+        if any(not p.strip() for p in ([v] if isinstance(v, str) else v)):
+            raise ValueError("a class prompt is blank")
+        return v
+
+    @model_validator(mode="after")
+    def _every_prompt_drawn(self):
+        if len(self.prompts()) > self.num_images:
+            raise ValueError(f"{len(self.prompts())} class prompts but prior.num_images={self.num_images}: the "
+                             "prompts past num_images would never be drawn")
+        return self
+
+    def prompts(self) -> list[str]:
+        """The class prompts as a list (empty when prior preservation is off)."""
+        if self.class_prompt is None:
+            return []
+        return [self.class_prompt] if isinstance(self.class_prompt, str) else list(self.class_prompt)
 
 
 class LoggingArgs(Strict):

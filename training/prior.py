@@ -49,7 +49,8 @@ def spec(cfg: TrainConfig, resolution: int) -> dict:
     """What the class images depend on: a folder drawn with another spec is drawn again."""
     p = cfg.prior
     return {"model": cfg.model.pretrained, "weights": _model_fingerprint(cfg.model.pretrained),
-            "vae": cfg.model.vae, "vae_weights": _model_fingerprint(cfg.model.vae), "prompt": p.class_prompt,
+            "vae": cfg.model.vae, "vae_weights": _model_fingerprint(cfg.model.vae),
+            "prompt": p.prompts()[0] if len(p.prompts()) == 1 else p.prompts(),  # ["a cat"] draws what "a cat" does
             "num_images": p.num_images, "steps": p.steps, "guidance": p.guidance, "resolution": resolution}
 
 
@@ -83,9 +84,9 @@ def check_folder(cfg: TrainConfig) -> Path:
 
 @torch.no_grad()
 def draw(comps, cfg: TrainConfig, resolution: int, folder: Path, device) -> None:
-    """Draws prior.num_images images of the class prompts (image i of prompt i mod their count, seed i) with
-    the model as loaded (its own
-    scheduler: before a fine-tune changes its prediction type or schedule) into ``folder``, atomically."""
+    """Draws prior.num_images images of the class prompts (image i of prompt i mod their count, seed i)
+    with the model as loaded (its own scheduler: before a fine-tune changes its prediction type or
+    schedule) into ``folder``, atomically."""
     from core.sampling import GenerationRequest, generator_from_parts
 
     p = cfg.prior
