@@ -229,8 +229,9 @@ def test_a_fresh_autoencoder_with_more_latent_channels_swaps_into_a_model_that_t
 
 def test_the_shipped_autoencoder_represents_photos_it_never_saw():
     """A regression floor on the committed weights: crops of the four photos held out of the VAE's
-    training (docs/base-model.md) come back above 24 dB (the former shapes-only VAE: 12.8 dB),
-    grayscale stays grayscale and the synthetic world stays sharp."""
+    training (docs/base-model.md) come back above 25 dB (the former shapes-only VAE: 12.8 dB),
+    grayscale stays grayscale and the synthetic world comes back sharper than through the
+    shapes-only VAE (32.6 dB; the refined decoder: 33.7)."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -241,6 +242,6 @@ def test_the_shipped_autoencoder_represents_photos_it_never_saw():
     vae = AutoencoderKL.from_pretrained(BASE / "vae", torch_dtype=torch.float32)
     with torch.no_grad():
         m = evaluate(vae, vae, eval_sets(packaged_photos(), held_out, 64))
-    assert m["psnr_photos"] >= 24.0, m
+    assert m["psnr_photos"] >= 25.0, m
     assert m["gray_chroma_err"] <= 2.0, m
-    assert m["psnr_synthetic"] >= 31.5, m
+    assert m["psnr_synthetic"] >= 33.0, m
