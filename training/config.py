@@ -165,7 +165,6 @@ class PriorArgs(Strict):
     preservation off."""
     num_images: int = Field(100, ge=1)
     """Class images the model draws before training (seeds 0..num_images-1)."""
-
     weight: float = Field(1.0, ge=0)
     """Weight of the class images' loss next to the user's images' (DreamBooth's lambda); the logged loss
     is their sum, so it reads about twice a run without the prior."""

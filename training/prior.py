@@ -47,10 +47,10 @@ def _model_fingerprint(path: str | None) -> list:
 
 def spec(cfg: TrainConfig, resolution: int) -> dict:
     """What the class images depend on: a folder drawn with another spec is drawn again."""
-    p = cfg.prior
+    p, prompts = cfg.prior, cfg.prior.prompts()
     return {"model": cfg.model.pretrained, "weights": _model_fingerprint(cfg.model.pretrained),
             "vae": cfg.model.vae, "vae_weights": _model_fingerprint(cfg.model.vae),
-            "prompt": p.prompts()[0] if len(p.prompts()) == 1 else p.prompts(),  # ["a cat"] draws what "a cat" does
+            "prompt": prompts[0] if len(prompts) == 1 else prompts,  # ["a cat"] draws what "a cat" does
             "num_images": p.num_images, "steps": p.steps, "guidance": p.guidance, "resolution": resolution}
 
 
