@@ -87,7 +87,8 @@ RESUME_EVERY = 50
 
 
 def main(cfg: AutoencoderConfig, stop_at: int | None = None) -> dict:
-    """Trains; returns the kept evaluation (``select_by``, ``min_psnr_photos``). ``stop_at`` ends the run after
+    """Trains; returns the kept evaluation (``select_by``, ``min_psnr_photos``; step 0 when none reached
+    the photo floor and OUT/vae was not written). ``stop_at`` ends the run after
     that step as an interrupted run would end (OUT/resume written); the next call continues it."""
     from diffusers import AutoencoderKL
 
