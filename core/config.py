@@ -37,9 +37,11 @@ class ReferenceData(Strict):
     caption_column: str = "text"
     """Column holding the caption."""
 
+    SHORTHAND: typing.ClassVar[str] = "path"  # `references: data/mine` means {path: data/mine}, in a file or an override
+
     @model_validator(mode="before")
     @classmethod
-    def _path_alone(cls, v):  # `references: data/mine` means {path: data/mine}
+    def _path_alone(cls, v):
         return {"path": v} if isinstance(v, str) else v
 
 
@@ -47,9 +49,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
                 base: dict | None = None, values: dict | None = None) -> C:
     """Builds ``cls`` from defaults < ``base`` < YAML file < dotted ``key=value`` overrides < ``values``
     (a nested dict of already-typed values, e.g. from command-line flags)."""
-    data: dict = dict(base or {})
+    data: dict = _expand_shorthands(cls, dict(base or {}))
     if path is not None:
-        data = _merge(data, _include_files(cls, _read_yaml(Path(path)), Path(path).parent))
+        data = _merge(data, _expand_shorthands(cls, _include_files(cls, _read_yaml(Path(path)), Path(path).parent)))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"override {bad[0]!r} must look like key=value (e.g. train.max_steps=100)")
@@ -58,9 +60,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             dotted = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
         except Exception as e:
             raise UserError(f"cannot parse overrides {list(overrides)}: {e}") from None
-        data = _merge(data, dotted)
+        data = _merge(data, _expand_shorthands(cls, dotted))
     if values:
-        data = _merge(data, values)
+        data = _merge(data, _expand_shorthands(cls, values))
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -78,6 +80,25 @@ def _include_files(cls: type[BaseModel], data: dict, here: Path) -> dict:
         if isinstance(val, str) and val.endswith((".yaml", ".yml")):
             p = Path(val) if Path(val).is_file() else here / val
             out[key] = _include_files(sub, _read_yaml(p), p.parent)
+    return out
+
+
+def _expand_shorthands(cls: type[BaseModel], data):
+    """A section given as a plain string where its model has a ``SHORTHAND`` field becomes
+    ``{field: string}`` before merging, so the file's ``references: DIR`` and an override's
+    ``references.caption_column=c`` combine (merged as they are, the override would replace the path)."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for key, f in cls.model_fields.items():
+        sub = _model_in(f.annotation)
+        if sub is None or key not in out:
+            continue
+        short = getattr(sub, "SHORTHAND", None)
+        if isinstance(out[key], str) and isinstance(short, str):
+            out[key] = {short: out[key]}
+        elif isinstance(out[key], dict):
+            out[key] = _expand_shorthands(sub, out[key])
     return out
 
 

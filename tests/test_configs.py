@@ -71,3 +71,14 @@ def test_overrides_are_typed():
 def test_yaml_no_means_the_string_no():
     cfg = load_config(TrainConfig, None, ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
+
+
+def test_a_path_shorthand_merges_with_an_override_of_its_other_fields(tmp_path):
+    """`references: DIR` in a file is {path: DIR}: an override of one of its other keys keeps the path
+    (merged as written, the override's {caption_column: c} replaced the string and the path was lost)."""
+    f = tmp_path / "train.yaml"
+    f.write_text("model: {pretrained: m}\ndata: {path: d}\neval: {references: data/mine}\n")
+    cfg = load_config(TrainAndEval, f, ["eval.references.caption_column=caption"])
+    assert (cfg.eval.references.path, cfg.eval.references.caption_column) == ("data/mine", "caption")
+    cfg = load_config(TrainAndEval, f, ["eval.references=data/other"])  # the shorthand in an override
+    assert (cfg.eval.references.path, cfg.eval.references.caption_column) == ("data/other", "text")
