@@ -69,6 +69,13 @@ class Generator:
         self.unet_calls = 0
         self.guidance_truncation = 0.0  # the last fraction of the steps runs without the unconditional pass
         self.cache_interval = 1  # >1: the whole UNet every N-th step, its shallow path between (backend.unet_cached)
+        self.cache_start = 0.0  # the first fraction of the steps runs the whole UNet, caching or not
+
+    def whole_unet_step(self, i: int, steps: int) -> bool:
+        """Whether step ``i`` of ``steps`` runs the whole UNet under feature caching: every step before
+        the caching starts (``cache_start`` of them), then every ``cache_interval``-th."""
+        first = int(round(steps * self.cache_start))
+        return i < first or (i - first) % self.cache_interval == 0
 
     def guided_steps(self, steps: int) -> int:
         """How many of ``steps`` apply classifier-free guidance (all of them without truncation)."""
@@ -169,7 +176,8 @@ class Generator:
             model_in = sched.scale_model_input(torch.cat([latents[guided], latents]), t)
             t0 = time.perf_counter()
             if self.cache_interval > 1:
-                noise, deep = self.backend.unet_cached(model_in, t, emb, None if i % self.cache_interval == 0 else deep)
+                whole = self.whole_unet_step(i, len(sched.timesteps))
+                noise, deep = self.backend.unet_cached(model_in, t, emb, None if whole else deep)
                 noise = noise.float()
             else:
                 noise = self.backend.unet(model_in, t, emb).float()

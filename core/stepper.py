@@ -219,7 +219,7 @@ class StepEngine:
         interval = self.gen.cache_interval
         for s in self._running:
             rows_now = len(s.latents) * (2 if s.guided_now else 1)
-            shallow = (interval > 1 and s.step % interval != 0 and s.deep is not None
+            shallow = (interval > 1 and not self.gen.whole_unet_step(s.step, s.steps) and s.deep is not None
                        and s.deep.shape[0] == rows_now)
             by_size.setdefault((s.size, shallow), []).append(s)
         for (_, shallow), group in by_size.items():

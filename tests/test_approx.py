@@ -66,6 +66,21 @@ def test_feature_caching_skips_the_deep_blocks_between_whole_steps(gen):
     assert len(deep) == 3 and len(shallow) == 9  # steps 0, 3, 6 run it all; the rest only the shallow path
     assert any((a != b).any() for a, b in zip(base, approx))
     assert "forward" not in vars(gen.backend.unet_model.mid_block)  # the stand-ins are gone after the call
+    apply(gen, "cachefrom", 0.0)  # from0 is cache3 itself
+    assert all((a == b).all() for a, b in zip(approx, images(gen, req)))
+
+
+def test_feature_caching_from_a_fraction_runs_the_early_steps_whole(gen):
+    req = [GenerationRequest("a red circle", num_inference_steps=10, seed=1)]
+    deep = count_calls(gen.backend.unet_model.mid_block.resnets[0])
+    apply(gen, "cache", 3)
+    cached = images(gen, req)
+    deep.clear()
+    apply(gen, "cachefrom", 0.5)
+    late = images(gen, req)
+    assert len(deep) == 5 + 2  # steps 0-4 whole, then 5 and 8 (7 of 10; cache3 alone: 0, 3, 6, 9)
+    assert [gen.whole_unet_step(i, 10) for i in range(10)] == [True] * 6 + [False, False, True, False]
+    assert any((a != b).any() for a, b in zip(cached, late))
 
 
 def test_token_merging_attends_over_fewer_tokens_at_the_top_resolution(gen):
@@ -93,9 +108,11 @@ def test_token_merging_attends_over_fewer_tokens_at_the_top_resolution(gen):
     assert any((a != b).any() for a, b in zip(base, approx))
 
 
-@pytest.mark.parametrize("kind,param", [("trunc", 0.5), ("cache", 2), ("tome", 0.5)])
-def test_the_step_engine_gives_each_request_its_images_alone(gen, kind, param):
-    apply(gen, kind, param)
+@pytest.mark.parametrize("approx", [[("trunc", 0.5)], [("cache", 2)], [("cache", 2), ("cachefrom", 0.4)],
+                                    [("tome", 0.5)]], ids=["trunc", "cache", "cachefrom", "tome"])
+def test_the_step_engine_gives_each_request_its_images_alone(gen, approx):
+    for kind, param in approx:
+        apply(gen, kind, param)
     assert_same_as_alone(gen)
 
 
@@ -107,7 +124,9 @@ def test_names_parse_or_fail_with_the_syntax():
     assert get("onnx-fp32+cache2").unsupported("cpu") is None
     assert get("compile+cache2").unsupported("cpu")  # one compiled graph: nothing to split
     assert get("eager-fp32+tome0.5+cache2").approx == [("tome", 0.5), ("cache", 2.0)]
+    assert get("onnx-int8+cache2from0.4").approx == [("cache", 2.0), ("cachefrom", 0.4)]
     assert "torch UNet" in get("onnx-int8+tome0.5").unsupported("cpu")
-    for bad in ("eager-fp32+trunc1.5", "eager-fp32+cache0", "eager-fp32+tome", "eager-fp32+tome1", "nope+cache2", "eager-fp32+cache2+cache3"):
+    for bad in ("eager-fp32+trunc1.5", "eager-fp32+cache0", "eager-fp32+tome", "eager-fp32+tome1", "nope+cache2", "eager-fp32+cache2+cache3",
+                "eager-fp32+cache2from1", "eager-fp32+from0.5", "eager-fp32+cache2from0.4+cache3"):
         with pytest.raises(UserError):
             get(bad)

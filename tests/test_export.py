@@ -15,7 +15,7 @@ from export.manifest import read_manifest
 from tests.conftest import ROOT, evil_pickle, forbid_unpickling, run_cli
 
 CPU_VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "int8-bnb", "compile", "onnx-fp32", "onnx-int8"]
-APPROX_VARIANTS = ["eager-fp32+cache2+trunc0.5", "onnx-int8+cache2+trunc0.5", "onnx-int8+trunc0.5", "eager-fp32+tome0.5"]
+APPROX_VARIANTS = ["eager-fp32+cache2+trunc0.5", "onnx-int8+cache2from0.3+trunc0.5", "onnx-int8+trunc0.5", "eager-fp32+tome0.5"]
 
 
 def test_engine_matches_diffusers_pipeline(micro_model):
@@ -126,15 +126,16 @@ def test_approximate_variants_are_built_gated_and_loaded_with_their_approximatio
     """An approximate variant is its base's folder plus approx.json; it is benchmarked and gated
     like any other, reloads with its approximation on, and one its base cannot run is skipped."""
     out, manifest = exported
-    for name, cache, trunc in (("eager-fp32+cache2+trunc0.5", 2, 0.5), ("onnx-int8+cache2+trunc0.5", 2, 0.5),
-                               ("onnx-int8+trunc0.5", 1, 0.5)):
+    for name, cache, start, trunc in (("eager-fp32+cache2+trunc0.5", 2, 0.0, 0.5),
+                                      ("onnx-int8+cache2from0.3+trunc0.5", 2, 0.3, 0.5),
+                                      ("onnx-int8+trunc0.5", 1, 0.0, 0.5)):
         e = manifest.variants[name]
         assert e.status == "ok" and (out / e.dir / "approx.json").is_file(), (name, e.reason)
         assert e.notes["approximation"] and e.quality.fid_drift_pct_ci and e.quality.adherence_drop_ci
         assert e.quality.mean_abs_px_diff > 0  # it does change the images
         gen = load(out, name)
-        assert (gen.cache_interval, gen.guidance_truncation) == (cache, trunc)
-    assert (out / "onnx-int8+cache2+trunc0.5" / "unet_cache" / "shallow.onnx").is_file()
+        assert (gen.cache_interval, gen.cache_start, gen.guidance_truncation) == (cache, start, trunc)
+    assert (out / "onnx-int8+cache2from0.3+trunc0.5" / "unet_cache" / "shallow.onnx").is_file()
     from export.variants.tome import _MergingProcessor
 
     tome = manifest.variants["eager-fp32+tome0.5"]

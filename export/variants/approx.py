@@ -11,7 +11,9 @@ and seeds as the baseline, only how much of the network runs per step changes:
   down block, the last up block, conv_out) on that kept input. Torch bases (eager, int8-torchao) split
   the UNet at run time; ONNX bases get two more graphs (``unet_cache/full.onnx``: the output and the
   kept input; ``unet_cache/shallow.onnx``), exported from the same split and checked against it. Not
-  the compiled UNet (one graph). ``cache1`` is the base exactly.
+  the compiled UNet (one graph). ``cache1`` is the base exactly. ``cache<N>from<F>`` caches only from
+  the fraction F of the steps on: the early steps, which lay out the shapes and colours, run whole
+  (parsed as two entries, ``cache`` N and ``cachefrom`` F; ``from0`` is plain ``cache<N>``).
 - ``tome<R>``: token merging (ToMe-SD, ``export.variants.tome``). Each self-attention at the UNet's
   highest resolution runs on the tokens left after merging the fraction R (0 < R < 1) into similar
   ones. Torch bases (eager, int8-torchao); on a CPU it saves little (1.07x at SD 1.5's 64x64 latents).
@@ -33,6 +35,7 @@ from core.errors import UserError
 APPROX_FILE = "approx.json"
 KINDS = {"trunc": "guidance truncation (fraction of the last steps without the unconditional pass)",
          "cache": "feature caching (full UNet every N-th step, shallow path in between)",
+         "cachefrom": "feature caching from this fraction of the steps on (the earlier steps run whole)",
          "tome": "token merging (fraction of the top-resolution tokens merged before self-attention)"}
 CACHE_BASES = ("eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-torchao-wo", "onnx-fp32", "onnx-fp16",
                "onnx-int8")
@@ -48,13 +51,17 @@ def parse(name: str) -> tuple[str, list[tuple[str, float]]] | None:
     base, *approx = name.split("+")
     out = []
     for a in approx:
-        m = re.fullmatch(r"(trunc)(0(?:\.\d+)?|1(?:\.0+)?)|(cache)([1-9]\d?)|(tome)(0\.\d*[1-9]\d*)", a)
+        m = re.fullmatch(r"(trunc)(0(?:\.\d+)?|1(?:\.0+)?)|(cache)([1-9]\d?)(?:from(0(?:\.\d+)?))?"
+                         r"|(tome)(0\.\d*[1-9]\d*)", a)
         if not m:
             raise UserError(f"unknown approximation {a!r} in {name!r}; use BASE+trunc<F> (0 <= F <= 1, e.g. "
-                            "onnx-int8+trunc0.4), BASE+cache<N> (N = 1..99, e.g. eager-fp32+cache3), BASE+tome<R> "
-                            "(0 < R < 1, e.g. eager-fp32+tome0.5), or several")
-        kind = next(m.group(i) for i in (1, 3, 5) if m.group(i))
-        out.append((kind, float(m.group({"trunc": 2, "cache": 4, "tome": 6}[kind]))))
+                            "onnx-int8+trunc0.4), BASE+cache<N>[from<F>] (N = 1..99, 0 <= F < 1, e.g. "
+                            "eager-fp32+cache3 or onnx-int8+cache2from0.4), BASE+tome<R> (0 < R < 1, e.g. "
+                            "eager-fp32+tome0.5), or several")
+        kind = next(m.group(i) for i in (1, 3, 6) if m.group(i))
+        out.append((kind, float(m.group({"trunc": 2, "cache": 4, "tome": 7}[kind]))))
+        if kind == "cache" and m.group(5) is not None:
+            out.append(("cachefrom", float(m.group(5))))
     if len({k for k, _ in out}) < len(out):
         raise UserError(f"{name!r} names one approximation twice")
     return base, out
@@ -192,6 +199,8 @@ def apply(gen, kind: str, param: float, var_dir: Path | None = None, base: str =
         else:
             raise UserError("feature caching needs a torch UNet or an ONNX base's split graphs")
         gen.cache_interval = int(param)
+    elif kind == "cachefrom":
+        gen.cache_start = float(param)
     elif kind == "tome":
         if not hasattr(gen.backend, "unet_model"):
             raise UserError("token merging needs a torch UNet (an eager or int8-torchao base)")
