@@ -49,9 +49,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
                 base: dict | None = None, values: dict | None = None) -> C:
     """Builds ``cls`` from defaults < ``base`` < YAML file < dotted ``key=value`` overrides < ``values``
     (a nested dict of already-typed values, e.g. from command-line flags)."""
-    data: dict = _expand_shorthands(cls, dict(base or {}))
+    data: dict = dict(base or {})
     if path is not None:
-        data = _merge(data, _expand_shorthands(cls, _include_files(cls, _read_yaml(Path(path)), Path(path).parent)))
+        data = _merge(_expand_shorthands(cls, data), _include_files(cls, _read_yaml(Path(path)), Path(path).parent))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"override {bad[0]!r} must look like key=value (e.g. train.max_steps=100)")
@@ -60,9 +60,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             dotted = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
         except Exception as e:
             raise UserError(f"cannot parse overrides {list(overrides)}: {e}") from None
-        data = _merge(data, _expand_shorthands(cls, dotted))
+        data = _merge(_expand_shorthands(cls, data), dotted)
     if values:
-        data = _merge(data, _expand_shorthands(cls, values))
+        data = _merge(_expand_shorthands(cls, data), values)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -85,8 +85,10 @@ def _include_files(cls: type[BaseModel], data: dict, here: Path) -> dict:
 
 def _expand_shorthands(cls: type[BaseModel], data):
     """A section given as a plain string where its model has a ``SHORTHAND`` field becomes
-    ``{field: string}`` before merging, so the file's ``references: DIR`` and an override's
-    ``references.caption_column=c`` combine (merged as they are, the override would replace the path)."""
+    ``{field: string}`` before something is merged over it, so the file's ``references: DIR`` and an
+    override's ``references.caption_column=c`` combine (merged as they are, the override would replace
+    the path). Only the side merged onto is expanded: a later plain string replaces the whole section
+    (a new dataset does not inherit the former one's column names)."""
     if not isinstance(data, dict):
         return data
     out = dict(data)

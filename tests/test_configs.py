@@ -82,3 +82,6 @@ def test_a_path_shorthand_merges_with_an_override_of_its_other_fields(tmp_path):
     assert (cfg.eval.references.path, cfg.eval.references.caption_column) == ("data/mine", "caption")
     cfg = load_config(TrainAndEval, f, ["eval.references=data/other"])  # the shorthand in an override
     assert (cfg.eval.references.path, cfg.eval.references.caption_column) == ("data/other", "text")
+    f.write_text("model: {pretrained: m}\ndata: {path: d}\neval: {references: {path: a, caption_column: cap}}\n")
+    cfg = load_config(TrainAndEval, f, ["eval.references=data/other"])  # another dataset: not a's columns
+    assert (cfg.eval.references.path, cfg.eval.references.caption_column) == ("data/other", "text")

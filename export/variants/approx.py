@@ -13,7 +13,8 @@ and seeds as the baseline, only how much of the network runs per step changes:
   kept input; ``unet_cache/shallow.onnx``), exported from the same split and checked against it. Not
   the compiled UNet (one graph). ``cache1`` is the base exactly. ``cache<N>from<F>`` caches only from
   the fraction F of the steps on: the early steps, which lay out the shapes and colours, run whole
-  (parsed as two entries, ``cache`` N and ``cachefrom`` F; ``from0`` is plain ``cache<N>``).
+  (parsed as two entries, ``cache`` N and ``cachefrom`` F; ``from0`` is plain ``cache<N>``; F x steps
+  is rounded to a whole step, so at 20 steps ``from0.99`` caches nothing).
 - ``tome<R>``: token merging (ToMe-SD, ``export.variants.tome``). Each self-attention at the UNet's
   highest resolution runs on the tokens left after merging the fraction R (0 < R < 1) into similar
   ones. Torch bases (eager, int8-torchao); on a CPU it saves little (1.07x at SD 1.5's 64x64 latents).
