@@ -7,8 +7,10 @@ Compares, in one run (ratios are what to read on a shared, noisy machine):
 and, each in a fresh process clocked by benchmarks/step_clock.py on 2,000 images with flips,
 start-up (process start to the first step's backward) and steady state (median step over steps
 40-80) of `t2i train` (caches filled lazily, and up front) against diffusers'
-examples/text_to_image/train_text_to_image.py when a diffusers checkout is given (--example; the
-script is run from there, pinned by its commit, never copied here); runs alternate, 2 rounds.
+examples/text_to_image/train_text_to_image.py, and of `t2i train` with LoRA against
+train_text_to_image_lora.py (the same adapters: rank 4, alpha 4, attention projections), when a
+diffusers checkout is given (--example; the scripts are run from there, pinned by its commit, never
+copied here); runs alternate, 2 rounds.
 The example needs torchvision, whose PyPI wheels load only next to a CUDA build of torch:
 benchmarks/peer_env.sh makes an environment with one (it runs on a CPU too) and the product's
 other packages at .venv's versions; run this script with that environment's Python so both
@@ -70,6 +72,8 @@ def measure(model: Path, data: Path, work: Path, name: str, overrides: list[str]
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOCK_STEPS = 80
+PAIRS = {"ours_lazy_cache": "diffusers_example", "ours_upfront_cache": "diffusers_example",  # ours: its peer
+         "ours_lora_lazy_cache": "diffusers_example_lora", "ours_lora_upfront_cache": "diffusers_example_lora"}
 
 
 def clocked(name: str, cmd: list[str], work: Path) -> dict:
@@ -113,13 +117,17 @@ def startup_comparison(model: Path, work: Path, example: Path | None, rounds: in
     ours = ["-m", "pipeline.cli", "train", f"model.pretrained={model}", f"data.path={data}", "train.batch_size=16",
             "train.max_steps=1000", "train.warmup_steps=0", "train.mixed_precision=no", "data.flip=true",
             "logging.sample_every=0", "checkpoint.every=100000", "train.learning_rate=1e-4"]
+    lora = ["train.what=lora", "lora.rank=4", "lora.alpha=4", "lora.target_modules=[to_k,to_q,to_v,to_out.0]"]
     peers = {"ours_lazy_cache": ours + [f"output_dir={work / 'o1'}", "train.cache_fill=lazy"],
-             "ours_upfront_cache": ours + [f"output_dir={work / 'o2'}", "train.cache_fill=upfront"]}
+             "ours_upfront_cache": ours + [f"output_dir={work / 'o2'}", "train.cache_fill=upfront"],
+             "ours_lora_lazy_cache": ours + lora + [f"output_dir={work / 'o3'}", "train.cache_fill=lazy"],
+             "ours_lora_upfront_cache": ours + lora + [f"output_dir={work / 'o4'}", "train.cache_fill=upfront"]}
     commit, floor_code, example_missing = None, None, None
     if example is not None:
         script = example / "examples" / "text_to_image" / "train_text_to_image.py"
-        if not script.is_file():
-            raise SystemExit(f"--example {example}: no examples/text_to_image/train_text_to_image.py there")
+        for name in (script, script.with_name("train_text_to_image_lora.py")):
+            if not name.is_file():
+                raise SystemExit(f"--example {example}: no examples/text_to_image/{name.name} there")
         commit = subprocess.run(["git", "-C", str(example), "rev-parse", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or None
         probe = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True, text=True)
@@ -130,22 +138,26 @@ def startup_comparison(model: Path, work: Path, example: Path | None, rounds: in
                                "benchmarks/peer_env.sh makes an environment where it runs")
             print(f"{example_missing}: only its imports are timed", flush=True)
         else:
-            peers["diffusers_example"] = [
-                str(script), f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}",
-                "--resolution=64", "--train_batch_size=16", "--max_train_steps=1000", "--learning_rate=1e-4",
-                "--lr_warmup_steps=0", "--mixed_precision=no", "--random_flip", "--dataloader_num_workers=0",
-                "--checkpointing_steps=100000", "--report_to=tensorboard", f"--output_dir={work / 'ex'}"]
+            common = [f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}",
+                      "--resolution=64", "--train_batch_size=16", "--max_train_steps=1000", "--learning_rate=1e-4",
+                      "--lr_warmup_steps=0", "--mixed_precision=no", "--random_flip", "--dataloader_num_workers=0",
+                      "--checkpointing_steps=100000", "--report_to=tensorboard"]
+            peers["diffusers_example"] = [str(script), *common, f"--output_dir={work / 'ex'}"]
+            peers["diffusers_example_lora"] = [str(script.with_name("train_text_to_image_lora.py")), *common,
+                                               "--rank=4", f"--output_dir={work / 'ex_lora'}"]
     runs: dict[str, list[dict]] = {k: [] for k in peers}
     floors: list[float] = []
     for r in range(rounds):
         for name, cmd in peers.items():
             runs[name].append(clocked(name, cmd, work))
-            print(f"round {r + 1} {name:20s} first step {runs[name][-1]['first_step_s']:5.1f} s, "
+            print(f"round {r + 1} {name:24s} first step {runs[name][-1]['first_step_s']:5.1f} s, "
                   f"{runs[name][-1]['images_per_s']:5.1f} img/s", flush=True)
         if floor_code is not None:
             floors.append(time_imports(floor_code, example))
             print(f"round {r + 1} the example's imports alone {floors[-1]:5.1f} s", flush=True)
-    summary = {k: {"first_step_s": statistics.median(x["first_step_s"] for x in v),
+    summary = {k: {"script": Path(peers[k][0]).name if k not in PAIRS else "t2i train",
+                   "trains": "LoRA rank 4 (attention)" if "lora" in k else "full UNet",
+                   "first_step_s": statistics.median(x["first_step_s"] for x in v),
                    "images_per_s": statistics.median(x["images_per_s"] for x in v), "runs": v} for k, v in runs.items()}
     out = {"images": 2000, "flip": True, "steps_clocked": CLOCK_STEPS, "steady_state_window": [CLOCK_STEPS // 2, CLOCK_STEPS],
            "diffusers_example_commit": commit, "results": summary}
@@ -153,13 +165,15 @@ def startup_comparison(model: Path, work: Path, example: Path | None, rounds: in
         out["diffusers_example_imports_s"] = {"median": round(statistics.median(floors), 2), "runs": floors,
                                               "without": "torchvision" if example_missing else None,
                                               "example_not_run": example_missing}
-        out["startup_vs_example_imports"] = {k: round(v["first_step_s"] / statistics.median(floors), 2)
-                                             for k, v in summary.items() if k != "diffusers_example"}
-    if "diffusers_example" in summary:
-        ex = summary["diffusers_example"]
-        out["ratios_vs_example"] = {k: {"startup": round(v["first_step_s"] / ex["first_step_s"], 2),
-                                        "steady_state": round(v["images_per_s"] / ex["images_per_s"], 2)}
-                                    for k, v in summary.items() if k != "diffusers_example"}
+        out["startup_vs_example_imports"] = {k: round(summary[k]["first_step_s"] / statistics.median(floors), 2)
+                                             for k, peer in PAIRS.items() if peer == "diffusers_example"}
+    if "diffusers_example" in summary:  # each of ours against the example training the same parameters
+        out["ratios_vs_example"] = {}
+        for k, peer in PAIRS.items():
+            v, ex = summary[k], summary[peer]
+            out["ratios_vs_example"][k] = {"peer": ex["script"],
+                                           "startup": round(v["first_step_s"] / ex["first_step_s"], 2),
+                                           "steady_state": round(v["images_per_s"] / ex["images_per_s"], 2)}
     return out
 
 
@@ -169,7 +183,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--example", type=Path, default=None,
-                    help="a diffusers git checkout: its train_text_to_image.py example is run as a peer")
+                    help="a diffusers git checkout: its train_text_to_image.py and train_text_to_image_lora.py "
+                         "examples are run as peers")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the start-up comparison")
     ap.add_argument("--startup-only", action="store_true",
                     help="only the start-up comparison (written to --out; the throughput table is skipped)")
