@@ -42,7 +42,7 @@ class ReferenceData(Strict):
     @model_validator(mode="before")
     @classmethod
     def _path_alone(cls, v):
-        return {"path": v} if isinstance(v, str) else v
+        return {cls.SHORTHAND: v} if isinstance(v, str) else v
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple = (),
