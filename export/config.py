@@ -18,7 +18,8 @@ class ExportConfig(Strict):
     out: str
     """Export dir to write."""
     variants: list[str] = DEFAULT_VARIANTS
-    """Variants to build and consider (eager-fp32 is always built as the reference)."""
+    """Variants to build and consider (eager-fp32 is always built as the reference). Approximate ones are
+    BASE+trunc<F>, BASE+cache<N>[from<F>], BASE+tome<R>, chainable (e.g. onnx-int8+cache2from0.5+trunc0.3)."""
     max_fid_drift: float = Field(5.0, ge=0)
     """Quality budget: FID drift from eager-fp32, in % of its FID."""
     max_adherence_drop: float = Field(2.0, ge=0)
