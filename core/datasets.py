@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import random
 import re
@@ -155,13 +156,20 @@ def dataset_rows(path: str, image_column: str = "image", caption_column: str = "
 
 
 def load_imagefolder(path: str, resolution: int, image_column: str = "image", caption_column: str = "text",
-                     on_bad_image: str = "skip", crop: str = "center", seed: int = 0) -> LoadedImages:
+                     on_bad_image: str = "skip", crop: str = "center", seed: int = 0,
+                     max_rows: int | None = None) -> LoadedImages:
     """Loads a local dataset folder (or a hub dataset id) into memory.
 
     One broken image is counted and skipped (``on_bad_image='skip'``) or reported by name
-    (``'error'``) instead of failing mid-epoch.
+    (``'error'``) instead of failing mid-epoch. ``max_rows``: decode at most that many rows, evenly
+    spaced through a local folder's, a hub dataset's first ones.
     """
     rows = dataset_rows(path, image_column, caption_column)
+    if max_rows is not None:
+        if isinstance(rows, list):
+            rows = [rows[i * len(rows) // max_rows] for i in range(max_rows)] if len(rows) > max_rows else rows
+        else:
+            rows = itertools.islice(rows, max_rows)
     rng = random.Random(seed)
     pixels, captions, kept, sizes, skipped = [], [], [], [], 0
     for src, name, row in tqdm(rows, desc="decoding images", unit="img", leave=False):

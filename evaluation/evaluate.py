@@ -92,12 +92,12 @@ def reference_captions(refs: ReferenceData) -> list[str]:
 
 
 def dataset_references(refs: ReferenceData, size: int) -> np.ndarray:
-    """The references dataset's images (uint8 NHWC) at ``size``, decoded and cropped as training does;
-    FID needs at least two."""
+    """The references dataset's images (uint8 NHWC) at ``size``, decoded and cropped as training does
+    (at most ``refs.max_images``); FID needs at least two."""
     from core.datasets import load_imagefolder
 
     pixels = load_imagefolder(refs.path, size, image_column=refs.image_column,
-                              caption_column=refs.caption_column).pixels
+                              caption_column=refs.caption_column, max_rows=refs.max_images).pixels
     if len(pixels) < 2:
         raise UserError(f"references dataset {refs.path} has {len(pixels)} decodable image; FID needs at least 2")
     return pixels

@@ -70,6 +70,20 @@ def test_captions_from_csv_and_side_car_files(tmp_path):
         load_imagefolder(str(none), 16)
 
 
+def test_references_decode_at_most_max_images_spread_through_the_rows(tmp_path):
+    from core.config import ReferenceData
+    from evaluation.evaluate import dataset_references
+
+    d = tmp_path / "refs"
+    names = [_write(d, f"{i:02d}.png", Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8))) for i in range(10)]
+    (d / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
+    px = dataset_references(ReferenceData(path=str(d), max_images=4), 16)
+    assert [int(p[0, 0, 0]) for p in px] == [0, 20, 50, 70]  # rows 0, 2, 5, 7 of 10: spread, not the first 4
+    assert len(dataset_references(ReferenceData(path=str(d)), 16)) == 10  # under the cap: all of them
+    with pytest.raises(ValueError, match="max_images"):
+        ReferenceData(path=str(d), max_images=1)
+
+
 def _photo_like(folder, n=12, seed=0):
     """Images the shipped VAE (trained on flat shapes) cannot represent: fine random texture."""
     rng = np.random.default_rng(seed)
