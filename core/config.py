@@ -37,8 +37,9 @@ class ReferenceData(Strict):
     caption_column: str = "text"
     """Column holding the caption."""
     max_images: int = Field(10_000, ge=2)
-    """At most this many of its images are decoded (evenly spaced through the rows; a hub dataset's
-    first ones): they are held in memory at the model's size (10,000 at 512x512 are 7.9 GB)."""
+    """At most this many of the dataset's images are decoded as FID references (a fixed random sample of
+    its rows when it holds more; FID needs at least 2): they are held in memory at the model's size
+    (10,000 at 512x512 are 7.9 GB). The prompts are still drawn from all of its captions."""
 
     SHORTHAND: typing.ClassVar[str] = "path"  # `references: data/mine` means {path: data/mine}, in a file or an override
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import random
 import re
@@ -139,20 +138,32 @@ def decode(src, resolution: int, crop: str = "center", rng: random.Random | None
 
 # ------------------------------------------------------------------------------------------ loading
 
-def dataset_rows(path: str, image_column: str = "image", caption_column: str = "text"):
-    """(image source, name, row) of a local dataset folder or a hub dataset id, images not decoded. A
-    missing, empty or uncaptioned local folder is a UserError here; a hub dataset's rows are read (and
-    checked) as they are iterated."""
+def sample_rows(n: int, max_rows: int | None) -> list[int] | None:
+    """Which of ``n`` rows to keep under a cap: a fixed random sample (seed 0) in the rows' order, so
+    that a folder sorted by class or holding every image twice (flipped copies) is still represented;
+    None (all of them) when they fit."""
+    if max_rows is None or n <= max_rows:
+        return None
+    return sorted(random.Random(0).sample(range(n), max_rows))
+
+
+def dataset_rows(path: str, image_column: str = "image", caption_column: str = "text",
+                 max_rows: int | None = None):
+    """(image source, name, row) of a local dataset folder or a hub dataset id, images not decoded;
+    at most ``max_rows`` of them (``sample_rows``). A missing, empty or uncaptioned local folder is a
+    UserError here; a hub dataset's rows are read (and checked) as they are iterated."""
     local = Path(path)
     if not local.exists():
         if "/" in path and not path.startswith((".", "/")):
-            return _hub_rows(path, image_column, caption_column)
+            return _hub_rows(path, image_column, caption_column, max_rows)
         raise UserError(f"dataset folder {path} does not exist")
     if not local.is_dir():
         raise UserError(f"dataset path {path} is not a folder")
     if not any(local.iterdir()):
         raise UserError(f"dataset folder {path} is empty")
-    return [(local / r["file_name"], r["file_name"], r) for r in caption_rows(local, caption_column)[0]]
+    rows = [(local / r["file_name"], r["file_name"], r) for r in caption_rows(local, caption_column)[0]]
+    keep = sample_rows(len(rows), max_rows)
+    return rows if keep is None else [rows[i] for i in keep]
 
 
 def load_imagefolder(path: str, resolution: int, image_column: str = "image", caption_column: str = "text",
@@ -161,15 +172,10 @@ def load_imagefolder(path: str, resolution: int, image_column: str = "image", ca
     """Loads a local dataset folder (or a hub dataset id) into memory.
 
     One broken image is counted and skipped (``on_bad_image='skip'``) or reported by name
-    (``'error'``) instead of failing mid-epoch. ``max_rows``: decode at most that many rows, evenly
-    spaced through a local folder's, a hub dataset's first ones.
+    (``'error'``) instead of failing mid-epoch. ``max_rows``: decode at most that many rows (see
+    ``sample_rows``).
     """
-    rows = dataset_rows(path, image_column, caption_column)
-    if max_rows is not None:
-        if isinstance(rows, list):
-            rows = [rows[i * len(rows) // max_rows] for i in range(max_rows)] if len(rows) > max_rows else rows
-        else:
-            rows = itertools.islice(rows, max_rows)
+    rows = dataset_rows(path, image_column, caption_column, max_rows)
     rng = random.Random(seed)
     pixels, captions, kept, sizes, skipped = [], [], [], [], 0
     for src, name, row in tqdm(rows, desc="decoding images", unit="img", leave=False):
@@ -189,7 +195,7 @@ def load_imagefolder(path: str, resolution: int, image_column: str = "image", ca
     return LoadedImages(np.stack(pixels), captions, skipped, kept, sizes)
 
 
-def _hub_rows(path: str, image_column: str, caption_column: str):
+def _hub_rows(path: str, image_column: str, caption_column: str, max_rows: int | None = None):
     """(image source, name, row) of a hub dataset, images left encoded."""
     import datasets
     from datasets import Image as ImageFeature
@@ -201,6 +207,9 @@ def _hub_rows(path: str, image_column: str, caption_column: str):
     for col in (image_column, caption_column):
         if col not in ds.column_names:
             raise UserError(f"dataset has no column {col!r}; columns: {ds.column_names}")
+    keep = sample_rows(len(ds), max_rows)
+    if keep is not None:
+        ds = ds.select(keep)
     for row in ds.cast_column(image_column, ImageFeature(decode=False)):
         caption = row[caption_column]
         if not isinstance(caption, str) or not caption.strip():

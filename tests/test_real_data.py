@@ -70,18 +70,41 @@ def test_captions_from_csv_and_side_car_files(tmp_path):
         load_imagefolder(str(none), 16)
 
 
-def test_references_decode_at_most_max_images_spread_through_the_rows(tmp_path):
+def test_references_decode_at_most_max_images_a_fixed_sample_of_the_rows(tmp_path):
     from core.config import ReferenceData
     from evaluation.evaluate import dataset_references
 
     d = tmp_path / "refs"
     names = [_write(d, f"{i:02d}.png", Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8))) for i in range(10)]
     (d / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
-    px = dataset_references(ReferenceData(path=str(d), max_images=4), 16)
-    assert [int(p[0, 0, 0]) for p in px] == [0, 20, 50, 70]  # rows 0, 2, 5, 7 of 10: spread, not the first 4
-    assert len(dataset_references(ReferenceData(path=str(d)), 16)) == 10  # under the cap: all of them
+    shades = [int(p[0, 0, 0]) for p in dataset_references(ReferenceData(path=str(d), max_images=4), 16)]
+    assert len(set(shades)) == 4 and shades == sorted(shades) and shades != [0, 10, 20, 30]  # a sample, not the head
+    assert shades == [int(p[0, 0, 0]) for p in dataset_references(ReferenceData(path=str(d), max_images=4), 16)]
+    assert len(dataset_references(ReferenceData(path=str(d), max_images=10), 16)) == 10  # at the cap: all of them
     with pytest.raises(ValueError, match="max_images"):
         ReferenceData(path=str(d), max_images=1)
+
+
+def test_a_hub_dataset_is_capped_to_the_same_sample(tmp_path, monkeypatch):
+    """The hub path (no network here: load_dataset returns an in-memory dataset of PNG bytes) keeps the
+    same rows a local folder with the same count would."""
+    import io
+
+    import datasets
+
+    def png(v):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20, 20, 3), v, np.uint8)).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": f"{v}.png"}
+    ds = datasets.Dataset.from_dict({"image": [png(10 * i) for i in range(10)], "text": [str(i) for i in range(10)]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds.cast_column("image", datasets.Image()))
+    data = load_imagefolder("someone/shades", 16, max_rows=4)
+    local = tmp_path / "local"
+    names = [_write(local, f"{i:02d}.png", Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8))) for i in range(10)]
+    (local / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
+    assert [int(p[0, 0, 0]) for p in data.pixels] == \
+        [int(p[0, 0, 0]) for p in load_imagefolder(str(local), 16, max_rows=4).pixels]
+    assert len(data.pixels) == 4 and data.captions == [str(int(p[0, 0, 0]) // 10) for p in data.pixels]
 
 
 def _photo_like(folder, n=12, seed=0):
