@@ -70,13 +70,19 @@ def test_captions_from_csv_and_side_car_files(tmp_path):
         load_imagefolder(str(none), 16)
 
 
+def _shades(folder, n=10):
+    """A captioned folder of ``n`` flat images, image i of grey level 10 i (which row it was)."""
+    names = [_write(folder, f"{i:02d}.png", Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8)))
+             for i in range(n)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
+    return folder
+
+
 def test_references_decode_at_most_max_images_a_fixed_sample_of_the_rows(tmp_path):
     from core.config import ReferenceData
     from evaluation.evaluate import dataset_references
 
-    d = tmp_path / "refs"
-    names = [_write(d, f"{i:02d}.png", Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8))) for i in range(10)]
-    (d / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
+    d = _shades(tmp_path / "refs")
     shades = [int(p[0, 0, 0]) for p in dataset_references(ReferenceData(path=str(d), max_images=4), 16)]
     assert len(set(shades)) == 4 and shades == sorted(shades) and shades != [0, 10, 20, 30]  # a sample, not the head
     assert shades == [int(p[0, 0, 0]) for p in dataset_references(ReferenceData(path=str(d), max_images=4), 16)]
@@ -99,11 +105,8 @@ def test_a_hub_dataset_is_capped_to_the_same_sample(tmp_path, monkeypatch):
     ds = datasets.Dataset.from_dict({"image": [png(10 * i) for i in range(10)], "text": [str(i) for i in range(10)]})
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds.cast_column("image", datasets.Image()))
     data = load_imagefolder("someone/shades", 16, max_rows=4)
-    local = tmp_path / "local"
-    names = [_write(local, f"{i:02d}.png", Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8))) for i in range(10)]
-    (local / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
     assert [int(p[0, 0, 0]) for p in data.pixels] == \
-        [int(p[0, 0, 0]) for p in load_imagefolder(str(local), 16, max_rows=4).pixels]
+        [int(p[0, 0, 0]) for p in load_imagefolder(str(_shades(tmp_path / "local")), 16, max_rows=4).pixels]
     assert len(data.pixels) == 4 and data.captions == [str(int(p[0, 0, 0]) // 10) for p in data.pixels]
 
 
