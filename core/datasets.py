@@ -154,7 +154,7 @@ def dataset_rows(path: str, image_column: str = "image", caption_column: str = "
     UserError here; a hub dataset's rows are read (and checked) as they are iterated."""
     local = Path(path)
     if not local.exists():
-        if "/" in path and not path.startswith((".", "/")):
+        if _is_hub_id(path):
             return _hub_rows(path, image_column, caption_column, max_rows)
         raise UserError(f"dataset folder {path} does not exist")
     if not local.is_dir():
@@ -195,10 +195,29 @@ def load_imagefolder(path: str, resolution: int, image_column: str = "image", ca
     return LoadedImages(np.stack(pixels), captions, skipped, kept, sizes)
 
 
-def _hub_rows(path: str, image_column: str, caption_column: str, max_rows: int | None = None):
-    """(image source, name, row) of a hub dataset, images left encoded."""
+def dataset_captions(path: str, image_column: str = "image", caption_column: str = "text") -> list[str]:
+    """Every caption of a local dataset folder or a hub dataset id, no image read: of a hub dataset,
+    its caption column alone (one Arrow column, not every row with its image bytes)."""
+    if not Path(path).exists() and _is_hub_id(path):
+        captions = _hub_dataset(path, image_column, caption_column).data.column(caption_column).to_pylist()
+        for c in captions:
+            _check_caption(c, caption_column)
+        return captions
+    return [row[caption_column] for _, _, row in dataset_rows(path, image_column, caption_column)]
+
+
+def _is_hub_id(path: str) -> bool:
+    return "/" in path and not path.startswith((".", "/"))
+
+
+def _check_caption(caption, caption_column: str) -> None:
+    if not isinstance(caption, str) or not caption.strip():
+        raise UserError(f"a row has no caption in column {caption_column!r}")
+
+
+def _hub_dataset(path: str, image_column: str, caption_column: str):
+    """A hub dataset's train split (downloaded once into the datasets cache), both columns checked."""
     import datasets
-    from datasets import Image as ImageFeature
 
     try:
         ds = datasets.load_dataset(path, split="train")
@@ -207,13 +226,19 @@ def _hub_rows(path: str, image_column: str, caption_column: str, max_rows: int |
     for col in (image_column, caption_column):
         if col not in ds.column_names:
             raise UserError(f"dataset has no column {col!r}; columns: {ds.column_names}")
+    return ds
+
+
+def _hub_rows(path: str, image_column: str, caption_column: str, max_rows: int | None = None):
+    """(image source, name, row) of a hub dataset, images left encoded."""
+    from datasets import Image as ImageFeature
+
+    ds = _hub_dataset(path, image_column, caption_column)
     keep = sample_rows(len(ds), max_rows)
     if keep is not None:
         ds = ds.select(keep)
     for row in ds.cast_column(image_column, ImageFeature(decode=False)):
-        caption = row[caption_column]
-        if not isinstance(caption, str) or not caption.strip():
-            raise UserError(f"a row has no caption in column {caption_column!r}")
+        _check_caption(row[caption_column], caption_column)
         image = row[image_column]
         yield io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"], image.get("path"), row
 

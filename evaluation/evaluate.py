@@ -82,10 +82,9 @@ def _scene_from_prompt(text: str, rng: random.Random) -> dict | None:
 def reference_captions(refs: ReferenceData) -> list[str]:
     """The references dataset's captions, its images not decoded yet: a missing or uncaptioned dataset
     fails here, before anything is generated."""
-    from core.datasets import dataset_rows
+    from core.datasets import dataset_captions
 
-    captions = [row[refs.caption_column] for _, _, row in dataset_rows(refs.path, refs.image_column,
-                                                                        refs.caption_column)]
+    captions = dataset_captions(refs.path, refs.image_column, refs.caption_column)
     if not captions:
         raise UserError(f"references dataset {refs.path} has no rows")
     return captions

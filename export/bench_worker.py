@@ -92,6 +92,7 @@ def run(var_dir: Path, name: str, plan: dict, device: str) -> tuple[dict, np.nda
         latency[str(b)] = {
             "median_s": round(statistics.median(per_image), 4),
             "p95_s": round(per_image[min(len(per_image) - 1, int(round(0.95 * (len(per_image) - 1))))], 4),
+            "min_s": round(per_image[0], 4),
             "unet_step_ms": round(1000 * gen.unet_time_s / max(1, gen.unet_calls), 3),
         }
     images = []

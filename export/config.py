@@ -28,8 +28,9 @@ class ExportConfig(Strict):
     """Paired bootstrap resamples behind the gate's 95% intervals (a variant is in budget when its
     whole interval is)."""
     latency_tie_pct: float = Field(5.0, ge=0)
-    """In-budget variants within this % of the fastest's latency count as tied; the most exact one
-    (smallest worst-case drift) is selected, so timing noise does not flip the choice."""
+    """In-budget variants within this % of the fastest's latency (each one's fastest repeat) count as
+    tied; the most exact one (smallest worst-case drift) is selected, so timing noise does not flip
+    the choice."""
     num_images: int = Field(100, ge=4)
     """Quality prompts (images per variant)."""
     batch_sizes: list[int] = [1, 4]
@@ -37,7 +38,8 @@ class ExportConfig(Strict):
     bench_timeout_s: float = Field(3600, gt=0)
     """Longest a variant's benchmark process may run; one that runs longer is stopped and marked failed."""
     repeats: int = Field(5, ge=1)
-    """Timed runs per batch size, after warm-up."""
+    """Timed runs per batch size, after warm-up; the table shows their median and p95, the selector
+    ranks by the fastest of them."""
     steps: int = Field(20, ge=1, le=200)
     """Sampling steps (the same for every variant)."""
     guidance: float = 5.0

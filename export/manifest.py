@@ -92,15 +92,23 @@ class LoadHint(Strict):
     """The Python call that loads it."""
 
 
-class Latency(Strict):
+class Latency(_OmitNone):
     """Time per image at one batch size."""
 
     median_s: float
     """Median seconds per image."""
     p95_s: float
     """95th-percentile seconds per image."""
+    min_s: float | None = None
+    """Fastest repeat's seconds per image: what the selector ranks by, since timing noise from other
+    processes only ever adds time (absent in manifests written before it was measured)."""
     unet_step_ms: float
     """Mean milliseconds per UNet call."""
+
+    @property
+    def rank_s(self) -> float:
+        """Seconds per image the selector compares: the fastest repeat, or the median where not measured."""
+        return self.min_s if self.min_s is not None else self.median_s
 
 
 class Bench(_OmitNone):

@@ -160,7 +160,7 @@ def test_manifest_selection_and_reports(exported):
     out, manifest = exported
     sel = manifest.selected
     assert sel in CPU_VARIANTS + APPROX_VARIANTS and manifest.variants[sel].within_budget
-    lat = {n: e.bench.latency[1].median_s for n, e in manifest.measured().items()
+    lat = {n: e.bench.latency[1].rank_s for n, e in manifest.measured().items()
            if e.within_budget and e.quality.within_tolerance}
     # the fastest, or within the 5% latency tie (timing noise) that goes to the most exact variant
     assert lat[sel] <= min(lat.values()) * 1.05

@@ -110,6 +110,23 @@ def test_a_hub_dataset_is_capped_to_the_same_sample(tmp_path, monkeypatch):
     assert len(data.pixels) == 4 and data.captions == [str(int(p[0, 0, 0]) // 10) for p in data.pixels]
 
 
+def test_a_hub_datasets_captions_are_read_without_its_images(monkeypatch):
+    """The references' prompts come from every caption; on the hub path that is the caption column
+    alone (iterating the rows would read every image's bytes first)."""
+    import datasets
+
+    from core.datasets import dataset_captions
+
+    ds = datasets.Dataset.from_dict({"image": [b"\x89PNG not read"] * 5, "text": [f"shade {i}" for i in range(5)]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds)
+    monkeypatch.setattr(datasets.Dataset, "__iter__", lambda self: pytest.fail("the rows were iterated"))
+    assert dataset_captions("someone/shades") == [f"shade {i}" for i in range(5)]
+    blank = datasets.Dataset.from_dict({"image": [b""] * 2, "text": ["one", " "]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: blank)
+    with pytest.raises(UserError, match="no caption in column 'text'"):
+        dataset_captions("someone/shades")
+
+
 def _photo_like(folder, n=12, seed=0):
     """Images the shipped VAE (trained on flat shapes) cannot represent: fine random texture."""
     rng = np.random.default_rng(seed)
