@@ -196,12 +196,13 @@ def load_imagefolder(path: str, resolution: int, image_column: str = "image", ca
 
 
 def dataset_captions(path: str, image_column: str = "image", caption_column: str = "text") -> list[str]:
-    """Every caption of a local dataset folder or a hub dataset id, no image read: of a hub dataset,
-    its caption column alone (one Arrow column, not every row with its image bytes)."""
+    """Every caption of a local dataset folder or a hub dataset id, no image decoded or iterated: of a
+    hub dataset, its caption column alone (not every row with its image bytes)."""
     if not Path(path).exists() and _is_hub_id(path):
-        captions = _hub_dataset(path, image_column, caption_column).data.column(caption_column).to_pylist()
-        for c in captions:
-            _check_caption(c, caption_column)
+        ds = _hub_dataset(path, image_column, caption_column)
+        captions = ds.with_format("arrow")[caption_column].to_pylist()  # honours a selection of rows
+        for i, c in enumerate(captions):
+            _check_caption(c, caption_column, f"row {i}")
         return captions
     return [row[caption_column] for _, _, row in dataset_rows(path, image_column, caption_column)]
 
@@ -210,9 +211,9 @@ def _is_hub_id(path: str) -> bool:
     return "/" in path and not path.startswith((".", "/"))
 
 
-def _check_caption(caption, caption_column: str) -> None:
+def _check_caption(caption, caption_column: str, row: str = "a row") -> None:
     if not isinstance(caption, str) or not caption.strip():
-        raise UserError(f"a row has no caption in column {caption_column!r}")
+        raise UserError(f"{row} has no caption in column {caption_column!r}")
 
 
 def _hub_dataset(path: str, image_column: str, caption_column: str):

@@ -38,8 +38,8 @@ class ExportConfig(Strict):
     bench_timeout_s: float = Field(3600, gt=0)
     """Longest a variant's benchmark process may run; one that runs longer is stopped and marked failed."""
     repeats: int = Field(5, ge=1)
-    """Timed runs per batch size, after warm-up; the table shows their median and p95, the selector
-    ranks by the fastest of them."""
+    """Timed runs per batch size, after warm-up; the table shows the best, median and p95 of them, the
+    selector ranks by the best."""
     steps: int = Field(20, ge=1, le=200)
     """Sampling steps (the same for every variant)."""
     guidance: float = 5.0

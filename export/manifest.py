@@ -107,7 +107,8 @@ class Latency(_OmitNone):
 
     @property
     def rank_s(self) -> float:
-        """Seconds per image the selector compares: the fastest repeat, or the median where not measured."""
+        """Seconds per image the selector compares: the fastest repeat, or the median where not measured
+        (a manifest written before min_s; one bench run measures it for every variant or none)."""
         return self.min_s if self.min_s is not None else self.median_s
 
 

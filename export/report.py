@@ -60,7 +60,7 @@ def bench_table(manifest: ExportManifest) -> str:
     base = manifest.variants.get(manifest.baseline)
     base_lat = base.bench.latency[b1].median_s if base and base.bench else None
     head = ("| variant | " + " | ".join(f"ms/img b{b} (best / p50 / p95)" for b in bs)
-            + f" | speed-up b{b1} | UNet ms/step | load s | warm-up s | peak MB (own) | size MB | FID | drift % [95% CI] "
+            + f" | speed-up b{b1} (p50) | UNet ms/step | load s | warm-up s | peak MB (own) | size MB | FID | drift % [95% CI] "
             "| adherence (change [95% CI]) | PSNR dB | SSIM | in budget |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     measured = manifest.measured()

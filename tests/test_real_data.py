@@ -115,16 +115,18 @@ def test_a_hub_datasets_captions_are_read_without_its_images(monkeypatch):
     alone (iterating the rows would read every image's bytes first)."""
     import datasets
 
-    from core.datasets import dataset_captions
+    from core.config import ReferenceData
+    from evaluation.evaluate import reference_captions
 
-    ds = datasets.Dataset.from_dict({"image": [b"\x89PNG not read"] * 5, "text": [f"shade {i}" for i in range(5)]})
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds)
+    ds = datasets.Dataset.from_dict({"image": [b"\x89PNG not read"] * 6, "text": [f"shade {i}" for i in range(6)]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds.select([5, 3, 1, 0, 2]))  # a split's rows
     monkeypatch.setattr(datasets.Dataset, "__iter__", lambda self: pytest.fail("the rows were iterated"))
-    assert dataset_captions("someone/shades") == [f"shade {i}" for i in range(5)]
+    refs = ReferenceData(path="someone/shades")
+    assert reference_captions(refs) == [f"shade {i}" for i in (5, 3, 1, 0, 2)]
     blank = datasets.Dataset.from_dict({"image": [b""] * 2, "text": ["one", " "]})
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: blank)
-    with pytest.raises(UserError, match="no caption in column 'text'"):
-        dataset_captions("someone/shades")
+    with pytest.raises(UserError, match="row 1 has no caption in column 'text'"):
+        reference_captions(refs)
 
 
 def _photo_like(folder, n=12, seed=0):
