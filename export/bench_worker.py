@@ -1,8 +1,11 @@
 """Benchmarks one variant in a fresh process (so load time, warm-up and peak memory are its own):
 
     python -m export.bench_worker VAR_DIR NAME PLAN.json OUT.json IMAGES.npy [--device cpu]
+    python -m export.bench_worker VAR_DIR NAME PLAN.json OUT.json --timing-only BATCH [--device cpu]
 
-Writes timing JSON and the variant's images for the quality prompts (uint8 NHWC .npy).
+Writes timing JSON and the variant's images for the quality prompts (uint8 NHWC .npy). With
+``--timing-only`` it loads the variant, warms up and times BATCH alone (no images): the export's
+re-timing rounds, which alternate the close contenders in fresh processes.
 """
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.sampling import GenerationRequest  # noqa: E402
+from export.common import latency_stats  # noqa: E402
 
 
 def _requests(prompts: list[str], seeds: list[int], plan: dict) -> list[GenerationRequest]:
@@ -61,6 +64,26 @@ class RssSampler:
         return self.peak / 2**20, (self.peak - self.baseline) / 2**20
 
 
+def time_batch(gen, plan: dict, b: int) -> dict:
+    """``plan["repeats"]`` timed calls at batch ``b`` (after warm-up): seconds per image."""
+    per_image, gen.unet_time_s, gen.unet_calls = [], 0.0, 0
+    for r in range(plan["repeats"]):
+        reqs = _requests(plan["prompts"][r * b:(r + 1) * b] or plan["prompts"][:b], list(range(b)), plan)
+        t = time.perf_counter()
+        gen.generate(reqs)
+        per_image.append((time.perf_counter() - t) / b)
+    return latency_stats(per_image, 1000 * gen.unet_time_s / max(1, gen.unet_calls))
+
+
+def time_only(var_dir: Path, name: str, plan: dict, device: str, batch: int) -> dict:
+    from export.variants import get
+
+    torch.manual_seed(0)
+    gen = get(name).load(var_dir, device)
+    gen.generate(_requests(plan["prompts"][:batch], list(range(batch)), plan))  # warm-up
+    return {"latency": {str(batch): time_batch(gen, plan, batch)}}
+
+
 def run(var_dir: Path, name: str, plan: dict, device: str) -> tuple[dict, np.ndarray]:
     from export.variants import get
 
@@ -80,21 +103,7 @@ def run(var_dir: Path, name: str, plan: dict, device: str) -> tuple[dict, np.nda
     for b in plan["batch_sizes"]:  # first call per shape: allocations, compilation, ORT graph setup
         gen.generate(_requests(plan["prompts"][:b], list(range(b)), plan))
     warmup_s = time.perf_counter() - t0
-    latency = {}
-    for b in plan["batch_sizes"]:
-        per_image, gen.unet_time_s, gen.unet_calls = [], 0.0, 0
-        for r in range(plan["repeats"]):
-            reqs = _requests(plan["prompts"][r * b:(r + 1) * b] or plan["prompts"][:b], list(range(b)), plan)
-            t = time.perf_counter()
-            gen.generate(reqs)
-            per_image.append((time.perf_counter() - t) / b)
-        per_image.sort()
-        latency[str(b)] = {
-            "median_s": round(statistics.median(per_image), 4),
-            "p95_s": round(per_image[min(len(per_image) - 1, int(round(0.95 * (len(per_image) - 1))))], 4),
-            "min_s": round(per_image[0], 4),
-            "unet_step_ms": round(1000 * gen.unet_time_s / max(1, gen.unet_calls), 3),
-        }
+    latency = {str(b): time_batch(gen, plan, b) for b in plan["batch_sizes"]}
     images = []
     qp, qs = plan["quality_prompts"], plan["quality_seeds"]
     for i in range(0, len(qp), plan["quality_batch"]):
@@ -116,10 +125,15 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("plan")
     ap.add_argument("out")
-    ap.add_argument("images")
+    ap.add_argument("images", nargs="?")
+    ap.add_argument("--timing-only", type=int, metavar="BATCH")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     plan = json.loads(Path(args.plan).read_text())
+    if args.timing_only:
+        Path(args.out).write_text(json.dumps(time_only(Path(args.var_dir), args.name, plan, args.device,
+                                                       args.timing_only), indent=2))
+        return
     result, images = run(Path(args.var_dir), args.name, plan, args.device)
     np.save(args.images, images)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 from core.errors import UserError
@@ -76,3 +77,17 @@ def empty_parts(var_dir: Path) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"{var_dir} is not a complete variant folder ({str(e).splitlines()[0][:160]}); "
                         "re-run `t2i export`") from None
+
+
+def latency_stats(per_image: list[float], unet_step_ms: float, processes: int = 1) -> dict:
+    """The Latency fields of some timed runs' seconds per image (``repeats_s`` keeps them all, so the
+    export can pool them with re-timing rounds run in other processes)."""
+    per_image = sorted(per_image)
+    return {
+        "median_s": round(statistics.median(per_image), 4),
+        "p95_s": round(per_image[min(len(per_image) - 1, int(round(0.95 * (len(per_image) - 1))))], 4),
+        "min_s": round(per_image[0], 4),
+        "unet_step_ms": round(unet_step_ms, 3),
+        "repeats_s": [round(t, 4) for t in per_image],
+        "processes": processes,
+    }

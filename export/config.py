@@ -31,6 +31,15 @@ class ExportConfig(Strict):
     """In-budget variants within this % of the fastest's latency (each one's fastest repeat) count as
     tied; the most exact one (smallest worst-case drift) is selected, so timing noise does not flip
     the choice."""
+    retime_rounds: int = Field(2, ge=0)
+    """Re-timing rounds after the gate: the in-budget variants within retime_within_pct of the fastest are
+    timed again at the smallest batch size, each round a fresh process per variant, the contenders in
+    alternating order, and ranked by the best repeat of all their runs. A slow spell of a shared host
+    lasts seconds, long enough to slow every repeat of one benchmark process; alternating processes
+    spread each variant's timing over the whole comparison. 0 turns it off."""
+    retime_within_pct: float = Field(50.0, ge=0)
+    """Which variants are re-timed: those whose best repeat is within this % of the fastest's (a slow
+    spell measured 45% on this class of host)."""
     num_images: int = Field(100, ge=4)
     """Quality prompts (images per variant)."""
     batch_sizes: list[int] = [1, 4]

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from core.errors import UserError
 from core.io import atomic_dir
-from export.common import dir_size_mb
+from export.common import dir_size_mb, latency_stats
 from export.config import ExportConfig
-from export.manifest import (Bench, Budget, ExportManifest, Hardware, LoadHint, Plan, Quality, VariantEntry,
-                             write_manifest)
+from export.manifest import (Bench, Budget, ExportManifest, Hardware, Latency, LoadHint, Plan, Quality,
+                             VariantEntry, write_manifest)
 
 BASELINE = "eager-fp32"
 
@@ -218,18 +218,70 @@ def quality(entries: dict[str, VariantEntry], images: dict[str, np.ndarray], ite
         )
 
 
-def select(entries: dict[str, VariantEntry], cfg: ExportConfig) -> tuple[str | None, str]:
+def _measured(entries: dict[str, VariantEntry], cfg: ExportConfig) -> dict[str, VariantEntry]:
+    """The benchmarked, quality-measured variants, each one's ``within_budget`` set."""
     ok = {n: e for n, e in entries.items() if e.status == "ok" and e.bench is not None and e.quality is not None}
     for e in ok.values():
         e.within_budget = in_budget(e.quality, cfg)
+    return ok
+
+
+def _candidates(ok: dict[str, VariantEntry], cfg: ExportConfig) -> list[str]:
+    """In budget, and (exact variants) no further from the baseline's pixels than its backend may be."""
+    return [n for n, e in ok.items() if e.within_budget and e.quality.within_tolerance and n in cfg.variants]
+
+
+def retime(state: dict, cfg: ExportConfig, entries: dict[str, VariantEntry]) -> list[str]:
+    """Time the close contenders for selection again, at the smallest batch size, in rounds of fresh
+    processes (A B, then B A, ...), and pool every repeat into their latency. Returns the re-timed names.
+
+    Each variant's benchmark process times all its repeats within a few seconds; a slow spell of a
+    shared host lasts about as long, and slowed every repeat of one process by up to 45% here (the
+    same variant, 0.34 s/image in one process and 0.49 in the next), which flipped the selection
+    between onnx-int8 and onnx-fp32 across runs of the demo. Alternating processes spread each
+    contender's timing over the whole comparison, and the best repeat of all of them is what a slow
+    spell cannot reach."""
+    if cfg.retime_rounds < 1 or cfg.select:
+        return []
+    ok = _measured(entries, cfg)
+    b1 = min(cfg.batch_sizes)
+    lat = {n: ok[n].bench.latency[b1].rank_s for n in _candidates(ok, cfg)}
+    if len(lat) < 2:
+        return []
+    fastest = min(lat.values())
+    contenders = sorted((n for n in lat if lat[n] <= fastest * (1 + cfg.retime_within_pct / 100)), key=lat.get)
+    if len(contenders) < 2:
+        return []
+    work = state["out"] / ".bench"
+    runs = [n for r in range(cfg.retime_rounds) for n in (contenders if r % 2 else contenders[::-1])]
+    timed: dict[str, list[dict]] = {n: [] for n in contenders}
+    for i, name in enumerate(tqdm(runs, desc=f"re-timing {len(contenders)} contenders", unit="run")):
+        res = work / f"{name}.retime{i}.json"
+        cmd = [sys.executable, "-m", "export.bench_worker", str(state["out"] / entries[name].dir), name,
+               str(work / "plan.json"), str(res), "--timing-only", str(b1), "--device", state["device"]]
+        returncode, stderr = _run_bounded(cmd, cfg.bench_timeout_s)
+        if returncode == 0:
+            timed[name].append(json.loads(res.read_text())["latency"][str(b1)])
+        else:  # it was timed once already: keep that, and say why this round is missing
+            why = "timed out" if returncode is None else (stderr.strip().splitlines() or ["?"])[-1]
+            tqdm.write(f"warning: re-timing {name} failed ({why}); its first benchmark's timing stands")
+    for name, extra in timed.items():
+        first = entries[name].bench.latency[b1]
+        pooled = list(first.repeats_s or [first.rank_s]) + [t for x in extra for t in x["repeats_s"]]
+        steps = [first.unet_step_ms] + [x["unet_step_ms"] for x in extra]
+        entries[name].bench.latency[b1] = Latency(**latency_stats(pooled, min(steps), 1 + len(extra)))
+    return contenders
+
+
+def select(entries: dict[str, VariantEntry], cfg: ExportConfig) -> tuple[str | None, str]:
+    ok = _measured(entries, cfg)
     if cfg.select:
         if cfg.select not in ok:
             why = entries[cfg.select].reason if cfg.select in entries else None
             raise UserError(f"--select {cfg.select}: that variant did not build/benchmark ({why or 'not built'})")
         return cfg.select, "chosen with --select"
     b1 = min(cfg.batch_sizes)
-    # in budget, and (exact variants) no further from the baseline's pixels than its backend may be
-    candidates = [n for n, e in ok.items() if e.within_budget and e.quality.within_tolerance and n in cfg.variants]
+    candidates = _candidates(ok, cfg)
     if not candidates:
         return None, "no variant is inside the budget"
     # ranked by each variant's fastest repeat: a burst from another process slows one repeat of one
@@ -242,7 +294,9 @@ def select(entries: dict[str, VariantEntry], cfg: ExportConfig) -> tuple[str | N
     best = min(tied, key=lambda n: (_worst_drift(ok[n].quality), lat[n]))
     adh = (f" and of adherence drop under {cfg.max_adherence_drop} pts" if ok[best].quality.adherence is not None
            else " (adherence not measured: no prompt of the synthetic world)")
-    return best, (f"fastest at batch {b1} (best of {cfg.repeats} repeats; ties within "
+    runs = ok[best].bench.latency[b1].processes or 1
+    timing = f"best of {cfg.repeats} repeats" + (f" in each of {runs} alternating processes" if runs > 1 else "")
+    return best, (f"fastest at batch {b1} ({timing}; ties within "
                   f"{cfg.latency_tie_pct:g}% go to the most exact) with the "
                   f"{100 * CONFIDENCE:.0f}% intervals of FID drift inside +-{cfg.max_fid_drift}%{adh}")
 
@@ -332,6 +386,7 @@ def main(cfg: ExportConfig) -> ExportManifest:
     if BASELINE not in images:
         raise UserError(f"the baseline {BASELINE} failed: {entries[BASELINE].reason}")
     quality(entries, images, items, cfg, state["references"])
+    retime(state, cfg, entries)
     flops = unet_flops(state["model"])
     peak = matmul_peak_gflops(device=state["device"])
     for e in entries.values():

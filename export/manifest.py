@@ -103,7 +103,13 @@ class Latency(_OmitNone):
     """Fastest repeat's seconds per image: what the selector ranks by, since timing noise from other
     processes only ever adds time (absent in manifests written before it was measured)."""
     unet_step_ms: float
-    """Mean milliseconds per UNet call."""
+    """Mean milliseconds per UNet call (the lowest of the processes that timed it)."""
+    repeats_s: list[float] | None = None
+    """Every timed repeat's seconds per image, sorted, pooled over the processes that timed this batch
+    size: what median, p95 and min are computed from (absent in manifests written before it)."""
+    processes: int | None = None
+    """Processes that timed this batch size: 1 (the variant's benchmark run), more where the export's
+    re-timing rounds timed it again (absent in manifests written before it)."""
 
     @property
     def rank_s(self) -> float:

@@ -55,7 +55,7 @@ def exported(micro_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "exp"
     res = run_cli("export", str(micro_model), "--out", str(out), "--variants",
                   ",".join(CPU_VARIANTS + APPROX_VARIANTS + ["eager-fp16", "onnx-fp16", "compile+cache2"]),
-                  "--num-images", "8", "--repeats", "1",
+                  "--num-images", "8", "--repeats", "1", "--retime-rounds", "0",
                   "--batch-sizes", "1", "--steps", "4", "--max-fid-drift", "1000", "--max-adherence-drop", "100",
                   timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -163,6 +163,7 @@ def test_manifest_selection_and_reports(exported):
     for e in manifest.measured().values():  # the best repeat is measured, and what the selector ranks by
         best = e.bench.latency[1]
         assert best.min_s is not None and best.min_s <= best.median_s <= best.p95_s and best.rank_s == best.min_s
+        assert best.processes == 1 and best.repeats_s == [best.min_s]  # re-timing turned off
     lat = {n: e.bench.latency[1].rank_s for n, e in manifest.measured().items()
            if e.within_budget and e.quality.within_tolerance}
     # the fastest, or within the 5% latency tie (timing noise) that goes to the most exact variant

@@ -125,21 +125,31 @@ def test_selection_needs_the_whole_interval_and_breaks_latency_ties_by_exactness
 
 @pytest.mark.slow
 def test_the_same_model_exported_with_other_benchmark_seeds_selects_the_same_variant(micro_model, tmp_path):
-    """Prompts, seeds and timing all change with the benchmark seed; the gate's intervals and the
-    latency tie rule keep the choice where it was."""
+    """Prompts, seeds and timing all change with the benchmark seed; the gate's intervals, the re-timing
+    rounds and the latency tie rule keep the choice where it was."""
     from export.manifest import read_manifest
     from tests.conftest import run_cli
 
     chosen = []
     for seed in (0, 1):
         out = tmp_path / f"seed{seed}"
+        # every candidate re-timed (the default re-times those within 50% of the fastest)
         res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32,eager-bf16,onnx-fp32",
                       "--num-images", "16", "--repeats", "5", "--batch-sizes", "1", "--steps", "4",
-                      "--seed", str(seed), timeout=900)
+                      "--retime-within-pct", "10000", "--seed", str(seed), timeout=900)
         assert res.returncode == 0, res.stderr[-2000:]
         m = read_manifest(out)
         assert m.plan.seed == seed
         chosen.append(m.selected)
+        retimed = [n for n, e in m.measured().items() if e.within_budget and e.quality.within_tolerance]
+        assert len(retimed) >= 2, retimed  # eager-fp32 and onnx-fp32 at least
+        for n, e in m.measured().items():
+            lat = e.bench.latency[1]
+            runs = 3 if n in retimed else 1  # its benchmark process, then one per round (2 rounds)
+            assert lat.processes == runs and len(lat.repeats_s) == 5 * runs, (n, lat)
+            assert lat.min_s == min(lat.repeats_s) and lat.min_s <= lat.median_s <= lat.p95_s
+        assert "in each of 3 alternating processes" in m.selection_reason
+        assert "Re-timed at batch 1 in alternating processes" in (out / "bench.md").read_text()
     assert chosen[0] is not None and chosen[0] == chosen[1], chosen
 
 
