@@ -10,6 +10,7 @@ cropped to a square (centre, or a seeded random crop) and resized to the trainin
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
@@ -216,12 +217,19 @@ def _check_caption(caption, caption_column: str, row: str = "a row") -> None:
         raise UserError(f"{row} has no caption in column {caption_column!r}")
 
 
-def _hub_dataset(path: str, image_column: str, caption_column: str):
-    """A hub dataset's train split (downloaded once into the datasets cache), both columns checked."""
+@functools.lru_cache(maxsize=2)
+def _hub_split(path: str):
+    """A hub dataset's train split, loaded once per process: the references' captions and then their
+    images read the same split (each ``load_dataset`` asks the hub for the latest revision when online)."""
     import datasets
 
+    return datasets.load_dataset(path, split="train")
+
+
+def _hub_dataset(path: str, image_column: str, caption_column: str):
+    """A hub dataset's train split (downloaded once into the datasets cache), both columns checked."""
     try:
-        ds = datasets.load_dataset(path, split="train")
+        ds = _hub_split(path)
     except Exception as e:  # offline or no such dataset
         raise UserError(f"could not load dataset {path!r} from the hub: {e}") from None
     for col in (image_column, caption_column):

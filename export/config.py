@@ -25,8 +25,8 @@ class ExportConfig(Strict):
     max_adherence_drop: float = Field(2.0, ge=0)
     """Quality budget: drop of prompt adherence (shape+colour) in points."""
     bootstrap_resamples: int = Field(400, ge=20)
-    """Paired bootstrap resamples behind the gate's 95% intervals (a variant is in budget when its
-    whole interval is)."""
+    """Paired bootstrap resamples behind the FID drift's 95% interval (a variant is in budget when its
+    whole intervals are; the adherence drop's comes from the matched pairs' counts)."""
     latency_tie_pct: float = Field(5.0, ge=0)
     """In-budget variants within this % of the fastest's latency (each one's fastest repeat) count as
     tied; the most exact one (smallest worst-case drift) is selected, so timing noise does not flip

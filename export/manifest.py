@@ -42,9 +42,9 @@ class Budget(_OmitNone):
     gate_images: int | None = None
     """Images (prompt, seed pairs) the gate's intervals were measured on."""
     resamples: int | None = None
-    """Paired bootstrap resamples behind each interval."""
+    """Paired bootstrap resamples behind the FID-drift interval."""
     confidence: float | None = None
-    """Confidence of the intervals (0.95: the 2.5th to 97.5th percentile)."""
+    """Confidence of the intervals (0.95)."""
 
 
 class Plan(Strict):
@@ -175,8 +175,9 @@ class Quality(_OmitNone):
     """Paired bootstrap interval of fid_drift_pct ([low, high]; same prompts and seeds resampled for the
     baseline and the variant). The gate needs all of it inside the FID budget."""
     adherence_drop_ci: list[float] | None = None
-    """Paired bootstrap interval of adherence_drop ([low, high], per-image right/wrong paired). The gate
-    needs its upper end inside the adherence budget."""
+    """Interval of adherence_drop ([low, high]) from the matched pairs (each image right or wrong for the
+    baseline and the variant; Agresti-Min's adjusted Wald interval). The gate needs its upper end inside
+    the adherence budget."""
 
 
 class VariantEntry(_OmitNone):
@@ -203,7 +204,12 @@ class VariantEntry(_OmitNone):
     quality: Quality | None = None
     """Image quality against the references and the baseline (once benchmarked)."""
     within_budget: bool | None = None
-    """Whether its quality meets the budget (once measured)."""
+    """Whether its quality meets the budget (once measured): an exact variant's does by construction,
+    another's when its whole intervals are inside the budget."""
+    exact: bool | None = None
+    """An exact backend (fp32 arithmetic in another runtime: parity tolerance <= 2 of 255 levels) whose
+    images are the baseline's within that tolerance, checked on every gate image: its quality is the
+    baseline's, so the gate's intervals (shown) do not decide it (once measured)."""
 
     @field_validator("dir")
     @classmethod

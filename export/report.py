@@ -77,7 +77,7 @@ def bench_table(manifest: ExportManifest) -> str:
                      f"{bench.load_s:.1f} | {bench.warmup_s:.1f} | {bench.peak_rss_mb:.0f} ({bench.variant_rss_mb or 0:.0f}) | "
                      f"{e.size_mb:.1f} | {q.fid:.2f} | {q.fid_drift_pct:+.1f}{_ci(q.fid_drift_pct_ci)} | {_adherence(q)} | "
                      f"{q.psnr_db_median:.1f} | {q.ssim:.3f} | "
-                     f"{'yes' if e.within_budget else 'no'} |")
+                     f"{('yes (exact)' if e.exact else 'yes') if e.within_budget else 'no'} |")
     return "\n".join(lines)
 
 
@@ -104,8 +104,9 @@ def resolution(manifest: ExportManifest) -> str:
     adh = [half(q.adherence_drop_ci) for q in qs if q.adherence_drop_ci]
     widths = (f"+-{np.median(adh):.1f} adherence points and " if adh else "") + \
         f"+-{np.median([half(q.fid_drift_pct_ci) for q in qs]):.1f}% FID drift"
-    return (f"Gate: {b.gate_images} images, {b.resamples} paired bootstrap resamples, {100 * (b.confidence or 0):.0f}% "
-            f"intervals; a variant is in budget when its whole interval is. With these images the intervals are "
+    return (f"Gate: {b.gate_images} images, {100 * (b.confidence or 0):.0f}% intervals ({b.resamples} paired "
+            f"bootstrap resamples for the FID drift, the matched pairs' counts for adherence); a variant is in budget when its whole interval is, an exact one (the baseline's images "
+            f"within its runtime's rounding) by construction. With these images the intervals are "
             f"{widths} wide (median): smaller differences are not resolved.\n\n")
 
 

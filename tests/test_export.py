@@ -192,6 +192,8 @@ def test_onnx_folders_have_optimum_layout(exported):
         assert all(isinstance(dim, str) for dim in (*inputs["sample"][:1], *inputs["sample"][2:]))
         assert len(inputs["timestep"]) == 1 and inputs["timestep"][0] == inputs["sample"][0]
         assert manifest.variants[name].notes["checked_sizes"] == [32, 64]
+    # int8 quantizes the checked fp32 export instead of exporting again
+    assert [manifest.variants[n].notes["exported_from"] for n in ("onnx-fp32", "onnx-int8")] == ["torch", "onnx-fp32"]
 
 
 @pytest.mark.slow

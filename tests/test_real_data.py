@@ -91,7 +91,17 @@ def test_references_decode_at_most_max_images_a_fixed_sample_of_the_rows(tmp_pat
         ReferenceData(path=str(d), max_images=1)
 
 
-def test_a_hub_dataset_is_capped_to_the_same_sample(tmp_path, monkeypatch):
+@pytest.fixture
+def hub():
+    """The hub split is loaded once per process; these tests stand in a new one each time."""
+    from core.datasets import _hub_split
+
+    _hub_split.cache_clear()
+    yield
+    _hub_split.cache_clear()
+
+
+def test_a_hub_dataset_is_capped_to_the_same_sample(tmp_path, monkeypatch, hub):
     """The hub path (no network here: load_dataset returns an in-memory dataset of PNG bytes) keeps the
     same rows a local folder with the same count would."""
     import io
@@ -110,7 +120,7 @@ def test_a_hub_dataset_is_capped_to_the_same_sample(tmp_path, monkeypatch):
     assert len(data.pixels) == 4 and data.captions == [str(int(p[0, 0, 0]) // 10) for p in data.pixels]
 
 
-def test_a_hub_datasets_captions_are_read_without_its_images(monkeypatch):
+def test_a_hub_datasets_captions_are_read_without_its_images(monkeypatch, hub):
     """The references' prompts come from every caption; on the hub path that is the caption column
     alone (iterating the rows would read every image's bytes first)."""
     import datasets
@@ -126,7 +136,34 @@ def test_a_hub_datasets_captions_are_read_without_its_images(monkeypatch):
     blank = datasets.Dataset.from_dict({"image": [b""] * 2, "text": ["one", " "]})
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: blank)
     with pytest.raises(UserError, match="row 1 has no caption in column 'text'"):
-        reference_captions(refs)
+        reference_captions(ReferenceData(path="someone/blanks"))
+
+
+def test_a_hub_dataset_is_loaded_once_for_its_captions_and_images(tmp_path, monkeypatch, hub):
+    """The gate reads the references' captions, then their images: one load of the split (online, each
+    load asks the hub for the latest revision)."""
+    import io
+
+    import datasets
+
+    from core.config import ReferenceData
+    from evaluation.evaluate import dataset_references, reference_captions
+
+    def png(v):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20, 20, 3), v, np.uint8)).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": f"{v}.png"}
+    ds = datasets.Dataset.from_dict({"image": [png(40 * i) for i in range(4)], "text": [f"s{i}" for i in range(4)]})
+    loads = []
+
+    def load_dataset(*a, **k):
+        loads.append(a)
+        return ds.cast_column("image", datasets.Image())
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    refs = ReferenceData(path="someone/shades")
+    assert reference_captions(refs) == ["s0", "s1", "s2", "s3"]
+    assert [int(p[0, 0, 0]) for p in dataset_references(refs, 16)] == [0, 40, 80, 120]
+    assert len(loads) == 1, loads
 
 
 def _photo_like(folder, n=12, seed=0):

@@ -282,17 +282,15 @@ class Onnx:
         return None
 
     def build(self, model_dir: Path, out_dir: Path, device: str, ctx: dict) -> dict:
-        te, unet, vae = load_torch_parts(model_dir)
         meta = model_meta(model_dir)
-        parts = _parts(te, unet, vae, meta["max_size"])
-        copy_shared(model_dir, out_dir)
-        errors = {}
-        for name, (mod, examples, ins, outs, shapes) in parts.items():
-            path = out_dir / name / "model.onnx"
-            _export(mod, examples[0], ins, outs, shapes, path)
-            errors[name] = _check(mod, examples, path, name, COMPONENT_ATOL[name])
-            src = {"text_encoder": "text_encoder", "unet": "unet"}.get(name, "vae")
-            shutil.copy(model_dir / src / "config.json", out_dir / name / "config.json")
+        fp32 = ctx.get("built", {}).get("onnx-fp32")
+        if self.precision != "fp32" and fp32 is not None:
+            # the same export, already checked against torch: converting it skips a second export (~30 s
+            # on the demo model, most of this variant's build)
+            shutil.copytree(fp32, out_dir, dirs_exist_ok=True)
+            errors, source = ctx["notes"]["onnx-fp32"]["max_abs_error_vs_torch"], "onnx-fp32"
+        else:
+            errors, source = self._export_checked(model_dir, out_dir, meta), "torch"
         if self.precision == "int8":
             for name in ("text_encoder", "unet"):
                 _to_int8(out_dir / name / "model.onnx")
@@ -305,9 +303,24 @@ class Onnx:
         index.pop("vae", None)
         (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
         write_meta(model_dir, out_dir, onnx_precision=self.precision)
-        return {"format": "onnx (Optimum layout)", "precision": self.precision,
+        return {"format": "onnx (Optimum layout)", "precision": self.precision, "exported_from": source,
                 "dynamic_axes": "batch, height, width", "checked_sizes": [meta["native_size"], meta["max_size"]],
                 "max_abs_error_vs_torch": errors, "component_atol": COMPONENT_ATOL}
+
+    @staticmethod
+    def _export_checked(model_dir: Path, out_dir: Path, meta: dict) -> dict:
+        """Exports the four parts in fp32, each checked against torch; their max abs errors."""
+        te, unet, vae = load_torch_parts(model_dir)
+        parts = _parts(te, unet, vae, meta["max_size"])
+        copy_shared(model_dir, out_dir)
+        errors = {}
+        for name, (mod, examples, ins, outs, shapes) in parts.items():
+            path = out_dir / name / "model.onnx"
+            _export(mod, examples[0], ins, outs, shapes, path)
+            errors[name] = _check(mod, examples, path, name, COMPONENT_ATOL[name])
+            src = {"text_encoder": "text_encoder", "unet": "unet"}.get(name, "vae")
+            shutil.copy(model_dir / src / "config.json", out_dir / name / "config.json")
+        return errors
 
     def load(self, var_dir: Path, device: str, trusted: bool = False):
         return make_generator(var_dir, OnnxBackend(var_dir, device, self.precision),
