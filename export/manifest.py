@@ -164,6 +164,9 @@ class Quality(_OmitNone):
     """SSIM against the baseline's images."""
     mean_abs_px_diff: float
     """Mean absolute pixel difference from the baseline's images (0-255)."""
+    max_image_abs_px_diff: float | None = None
+    """The largest of the images' own mean absolute pixel differences from the baseline's (0-255): what
+    decides whether an exact backend drew the baseline's images on every gate image."""
     adherence: float | None = None
     """Prompt adherence (shape and colour right), %; absent when no quality prompt is of the synthetic
     world (the domain classifier cannot read other images), and the adherence budget does not apply."""
@@ -208,7 +211,7 @@ class VariantEntry(_OmitNone):
     another's when its whole intervals are inside the budget."""
     exact: bool | None = None
     """An exact backend (fp32 arithmetic in another runtime: parity tolerance <= 2 of 255 levels) whose
-    images are the baseline's within that tolerance, checked on every gate image: its quality is the
+    every gate image is the baseline's within that tolerance (max_image_abs_px_diff): its quality is the
     baseline's, so the gate's intervals (shown) do not decide it (once measured)."""
 
     @field_validator("dir")

@@ -77,8 +77,12 @@ def bench_table(manifest: ExportManifest) -> str:
                      f"{bench.load_s:.1f} | {bench.warmup_s:.1f} | {bench.peak_rss_mb:.0f} ({bench.variant_rss_mb or 0:.0f}) | "
                      f"{e.size_mb:.1f} | {q.fid:.2f} | {q.fid_drift_pct:+.1f}{_ci(q.fid_drift_pct_ci)} | {_adherence(q)} | "
                      f"{q.psnr_db_median:.1f} | {q.ssim:.3f} | "
-                     f"{('yes (exact)' if e.exact else 'yes') if e.within_budget else 'no'} |")
+                     f"{_in_budget(e)} |")
     return "\n".join(lines)
+
+
+def _in_budget(e) -> str:
+    return ("yes (exact)" if e.exact else "yes") if e.within_budget else "no"
 
 
 def _adherence(q) -> str:
@@ -105,9 +109,10 @@ def resolution(manifest: ExportManifest) -> str:
     widths = (f"+-{np.median(adh):.1f} adherence points and " if adh else "") + \
         f"+-{np.median([half(q.fid_drift_pct_ci) for q in qs]):.1f}% FID drift"
     return (f"Gate: {b.gate_images} images, {100 * (b.confidence or 0):.0f}% intervals ({b.resamples} paired "
-            f"bootstrap resamples for the FID drift, the matched pairs' counts for adherence); a variant is in budget when its whole interval is, an exact one (the baseline's images "
-            f"within its runtime's rounding) by construction. With these images the intervals are "
-            f"{widths} wide (median): smaller differences are not resolved.\n\n")
+            "bootstrap resamples for the FID drift, the matched pairs' counts for adherence); a variant is in "
+            "budget when its whole interval is, an exact one (every image the baseline's within its runtime's "
+            f"rounding) by construction. With these images the intervals are {widths} wide (median): smaller "
+            "differences are not resolved.\n\n")
 
 
 def _retimed(manifest: ExportManifest) -> str:
@@ -119,7 +124,7 @@ def _retimed(manifest: ExportManifest) -> str:
     return (f"Re-timed at batch {b1} in alternating processes (the close contenders): "
             + ", ".join(f"{n} ({k} processes)" for n, k in runs.items())
             + f"; their batch-{b1} figures pool the repeats of all of them, so a slow spell of the host "
-            "during one process cannot decide the choice.\n\n")
+            "during one process is far less likely to decide the choice.\n\n")
 
 
 def _prompt_source(config: dict) -> str:
