@@ -223,9 +223,14 @@ def test_abandoned_requests_are_cancelled_and_free_their_slots(mode_server):
            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     host, port = mode_server.url.removeprefix("http://").split(":")
     clients = [socket.create_connection((host, int(port))) for _ in range(8)]
-    for c in clients:  # they post, wait for their work to start (a third of one request alone), and leave
+    for c in clients:  # they post, wait until the server has taken their work on, and leave
         c.sendall(req)
-    time.sleep(max(0.3, one_request_s / 3))
+    # polled, not slept: a slow spell of the host during the first request once made a sleep of a third
+    # of it outlast the abandoned requests themselves, and nothing was left to cancel
+    deadline = time.monotonic() + max(10.0, one_request_s)
+    while mode_server.get("/info").json()["images_in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
     for c in clients:
         c.close()
     time.sleep(0.3)
