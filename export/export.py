@@ -131,20 +131,23 @@ def bench_variants(state: dict, cfg: ExportConfig, entries: dict[str, VariantEnt
     for name, e in tqdm([(n, e) for n, e in entries.items() if e.status == "ok"], desc="benchmarking",
                         unit="variant"):
         res, npy = work / f"{name}.json", work / f"{name}.npy"
-        cmd = [sys.executable, "-m", "export.bench_worker", str(state["out"] / e.dir), name,
-               str(work / "plan.json"), str(res), str(npy), "--device", state["device"]]
-        returncode, stderr = _run_bounded(cmd, cfg.bench_timeout_s)
-        if returncode is None:  # a hung backend must not hang the export
-            e.reason = f"benchmark did not finish within bench_timeout_s={cfg.bench_timeout_s:g} s; stopped"
-            e.status = "failed"
-            continue
-        if returncode != 0:
-            e.reason = "benchmark failed: " + (stderr.strip().splitlines() or ["?"])[-1]
-            e.status = "failed"  # after the reason: a failed entry must carry one
+        why = _bench_worker(state, cfg, name, res, str(npy))
+        if why:  # a hung or broken backend must not hang or crash the export
+            e.reason, e.status = f"benchmark {why}", "failed"  # a failed entry must carry its reason
             continue
         e.bench = Bench.model_validate_json(res.read_text())
         images[name] = np.load(npy)
     return images
+
+
+def _bench_worker(state: dict, cfg: ExportConfig, name: str, out: Path, *args: str) -> str | None:
+    """Runs ``export.bench_worker`` on variant ``name`` (results to ``out``); why it failed, or None."""
+    cmd = [sys.executable, "-m", "export.bench_worker", str(state["out"] / name), name,
+           str(state["out"] / ".bench" / "plan.json"), str(out), *args, "--device", state["device"]]
+    returncode, stderr = _run_bounded(cmd, cfg.bench_timeout_s)
+    if returncode is None:
+        return f"did not finish within bench_timeout_s={cfg.bench_timeout_s:g} s; stopped"
+    return None if returncode == 0 else "failed: " + (stderr.strip().splitlines() or ["?"])[-1]
 
 
 def _run_bounded(cmd: list[str], timeout_s: float) -> tuple[int | None, str]:
@@ -272,14 +275,11 @@ def retime(state: dict, cfg: ExportConfig, entries: dict[str, VariantEntry]) -> 
     timed: dict[str, list[dict]] = {n: [] for n in contenders}
     for i, name in enumerate(tqdm(runs, desc=f"re-timing {len(contenders)} contenders", unit="run")):
         res = work / f"{name}.retime{i}.json"
-        cmd = [sys.executable, "-m", "export.bench_worker", str(state["out"] / entries[name].dir), name,
-               str(work / "plan.json"), str(res), "--timing-only", str(b1), "--device", state["device"]]
-        returncode, stderr = _run_bounded(cmd, cfg.bench_timeout_s)
-        if returncode == 0:
+        why = _bench_worker(state, cfg, name, res, "--timing-only", str(b1))
+        if why:  # it was timed once already: keep that, and say why this round is missing
+            tqdm.write(f"warning: re-timing {name}: {why}; its first benchmark's timing stands")
+        else:
             timed[name].append(json.loads(res.read_text())["latency"][str(b1)])
-        else:  # it was timed once already: keep that, and say why this round is missing
-            why = "timed out" if returncode is None else (stderr.strip().splitlines() or ["?"])[-1]
-            tqdm.write(f"warning: re-timing {name} failed ({why}); its first benchmark's timing stands")
     for name, extra in timed.items():
         first = entries[name].bench.latency[b1]
         pooled = list(first.repeats_s or [first.rank_s]) + [t for x in extra for t in x["repeats_s"]]
