@@ -11,7 +11,8 @@ Sizes (presets of ``training.presets``, random weights: size and timing only):
 
 Each variant is made with the functions ``t2i export`` uses (precision cast, torchao ``quantize_``,
 ``torch.compile``, the dynamo ONNX export and its int8 conversion, the same ONNX Runtime session
-options), on the UNet alone. ``onnx-int8-conv`` also quantizes the convolutions (ConvInteger), a recipe
+options, int8-static's PT2E quantization, here calibrated on random inputs), on the UNet alone.
+``compile-bf16`` (bf16 through Inductor with freezing) is measured here only. ``onnx-int8-conv`` also quantizes the convolutions (ConvInteger), a recipe
 tried here and not offered by ``t2i export``. ``eager-fp32+tome0.5`` is the one approximate variant here
 (token merging, ``export.variants.tome``): its saving depends on the latent size, which is what this
 measures (its quality is measured by ``t2i export`` on a trained model). The variants of one size are timed in rounds (each round
@@ -42,8 +43,8 @@ from core.io import write_json  # noqa: E402
 from core.quiet import quiet_libraries  # noqa: E402
 
 SIZES = ["tiny", "mid", "sd15-shape"]
-VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "compile", "onnx-fp32", "onnx-int8", "onnx-int8-conv",
-            "eager-fp32+tome0.5"]
+VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "compile", "compile-bf16", "int8-static", "onnx-fp32",
+            "onnx-int8", "onnx-int8-conv", "eager-fp32+tome0.5"]
 
 
 def _unet(preset: str):
@@ -131,6 +132,30 @@ def _make(name: str, unet, inputs, work: Path):
         torch.compiler.reset()
         step = _torch_step(torch.compile(copy.deepcopy(unet), dynamic=False), inputs)
         step()  # the compile itself
+    elif name == "compile-bf16":  # not a t2i export variant: what Inductor adds to bf16 (with freezing)
+        torch.compiler.reset()
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            m = torch.compile(copy.deepcopy(unet).to(torch.bfloat16), dynamic=False)
+            step = _torch_step(m, inputs, torch.bfloat16)
+            step()  # the compile itself
+    elif name == "int8-static":  # export.variants.int8_static, calibrated on random inputs (latency only)
+        torch.compiler.reset()
+        import torch._inductor.config as inductor_config
+
+        from export.variants.int8_static import quantize_unet
+
+        g = torch.Generator().manual_seed(1)
+        x, _, emb = inputs
+        calls = [(torch.randn(x.shape, generator=g), torch.tensor([t, t]), torch.randn(emb.shape, generator=g))
+                 for t in (900, 500, 100)]
+        q = torch.compile(quantize_unet(unet, calls), dynamic=False)
+
+        def step():
+            with torch.no_grad(), inductor_config.patch(freezing=True):
+                return q(*inputs)[0]
+        step()  # the compile itself
     elif name == "eager-fp32+tome0.5":
         from export.variants.tome import apply_token_merging
 
@@ -188,6 +213,7 @@ def bench_size(preset: str, variants: list[str], rounds: int, work: Path) -> dic
                 res["variants"][name]["speedup"] = round(base * 1e3 / ms, 2)
                 res["variants"][name]["eager_fp32_ms_same_rounds"] = round(base * 1e3, 1)
         del steps, timed
+        torch.compiler.reset()  # a compiled variant's frozen weights live in dynamo's caches until then
         gc.collect()
     if params > 300:
         res["variants"] = {"eager-fp32": {"ms_per_step": statistics.median(
@@ -196,6 +222,13 @@ def bench_size(preset: str, variants: list[str], rounds: int, work: Path) -> dic
     del unet
     gc.collect()
     return res
+
+
+def _cpu_flag(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
 
 
 def plot(result: dict, path: Path) -> None:
@@ -230,9 +263,10 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated presets (default: {','.join(SIZES)})")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated (default: {','.join(VARIANTS)})")
-    ap.add_argument("--skip", default="sd15-shape:compile,sd15-shape:eager-bf16",
-                    help="SIZE:VARIANT pairs left out (default: compiling the SD1.5-shaped UNet, minutes of "
-                         "Inductor on a CPU, and its bf16 steps, minutes each on a CPU without bf16 units)")
+    bf16_units = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ap.add_argument("--skip", default="sd15-shape:compile" + ("" if bf16_units else ",sd15-shape:eager-bf16,sd15-shape:compile-bf16"),
+                    help="SIZE:VARIANT pairs left out (default: the fp32 compile of the SD1.5-shaped UNet, which "
+                         "cannot win, and on a CPU without bf16 units its bf16 steps, minutes each)")
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds per size (default: 30 tiny, 10 mid, 3 sd15)")
     ap.add_argument("--out", default="benchmarks/results/scale_curve.json", help="JSON result (the plot goes beside)")
     ap.add_argument("--work", default=None, help="folder for the ONNX graphs (default: a temporary one)")
@@ -248,6 +282,7 @@ def main() -> None:
     out = Path(args.out)
     result: dict = {"host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                    "bf16_units": bf16_units, "vnni": _cpu_flag("avx512_vnni") or _cpu_flag("avx_vnni"),
                     "unit": "ms per UNet step, batch 2 (one guided image)", "sizes": {}}
     if out.is_file():  # the sizes measured before and not measured now are kept (one size at a time is fine)
         from core.io import read_json_file

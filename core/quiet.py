@@ -20,6 +20,9 @@ _KNOWN_NOISE = [
     (r".*`resume_download` is deprecated.*", FutureWarning),
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", FutureWarning),
     (r".*copying from a non-meta parameter in the checkpoint to a meta parameter.*", UserWarning),
+    # Inductor's own oneDNN int8 lowering (int8-static) copies its zero points this way
+    (r".*To copy construct from a tensor, it is recommended to use sourceTensor\.detach\(\)\.clone\(\).*",
+     UserWarning),
 ]
 
 

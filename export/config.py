@@ -8,7 +8,7 @@ from pydantic import Field
 from core.config import ReferenceData, Strict
 
 # Variants built when none are named: every one; those the hardware cannot run are skipped with a reason.
-DEFAULT_VARIANTS = ["eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-bnb", "compile",
+DEFAULT_VARIANTS = ["eager-fp32", "eager-bf16", "eager-fp16", "int8-torchao", "int8-bnb", "compile", "int8-static",
                     "onnx-fp32", "onnx-fp16", "onnx-int8"]
 
 

@@ -92,11 +92,22 @@ def setup(cfg: ExportConfig) -> dict:
 
 # ============================================================================ run
 
+def calibration_prompts(state: dict, cfg: ExportConfig, n: int = 8) -> list[str]:
+    """Prompts a static quantizer calibrates on: drawn like the gate's, with another seed, so the gate
+    measures the variant on prompts it was not calibrated with (mostly: small prompt sets overlap)."""
+    from evaluation.evaluate import EvalConfig, prompt_set
+
+    items = prompt_set(EvalConfig(num_images=n, seed=cfg.seed + 7919, features=cfg.features, prompts=cfg.prompts),
+                       state["captions"])
+    return [it["prompt"] for it in items]
+
+
 def build_variants(state: dict, cfg: ExportConfig) -> dict[str, VariantEntry]:
     from export.variants import get
 
     entries: dict[str, VariantEntry] = {}
-    ctx = {"batch_sizes": cfg.batch_sizes, "built": {}, "notes": {}}  # approximate variants reuse a built base
+    ctx = {"batch_sizes": cfg.batch_sizes, "built": {}, "notes": {},  # approximate variants reuse a built base
+           "steps": cfg.steps, "guidance": cfg.guidance, "calibration_prompts": calibration_prompts(state, cfg)}
     for name in tqdm(state["names"], desc="building variants", unit="variant"):
         variant = get(name)
         reason = variant.unsupported(state["device"])

@@ -14,7 +14,9 @@ from export.loader import load
 from export.manifest import read_manifest
 from tests.conftest import ROOT, evil_pickle, forbid_unpickling, run_cli
 
-CPU_VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "int8-bnb", "compile", "onnx-fp32", "onnx-int8"]
+CPU_VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "int8-bnb", "compile", "int8-static", "onnx-fp32",
+                "onnx-int8"]
+COMPILED = ("compile", "int8-static")  # they ship an Inductor cache, which is code: loaded only when trusted
 APPROX_VARIANTS = ["eager-fp32+cache2+trunc0.5", "onnx-int8+cache2from0.3+trunc0.5", "onnx-int8+trunc0.5", "eager-fp32+tome0.5"]
 
 
@@ -91,7 +93,7 @@ def test_every_cpu_variant_round_trips_within_tolerance(exported):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["eager-fp32", "onnx-fp32", "onnx-int8"] + APPROX_VARIANTS)
+@pytest.mark.parametrize("name", ["eager-fp32", "onnx-fp32", "onnx-int8", "int8-static"] + APPROX_VARIANTS)
 def test_step_batching_matches_alone_for_each_backend(exported, name):
     """Step batching through each backend (ONNX takes one timestep per sample; compile gets padded
     row buckets): a request in a mixed running set gets the image it gets alone."""
@@ -298,8 +300,8 @@ def test_variants_load_as_data_without_unpickling(exported, tmp_path, monkeypatc
     out, _ = exported
     forbid_unpickling(monkeypatch)
     for name in CPU_VARIANTS:
-        if name == "compile":
-            continue  # it ships an Inductor cache, which is code: below
+        if name in COMPILED:
+            continue  # below
         image = load(out, name).generate([GenerationRequest("a red circle", num_inference_steps=2)])[0][0]
         assert image.shape == (32, 32, 3), name
     # on another machine (another user's trust store) the shipped cache is refused before anything runs
@@ -309,6 +311,49 @@ def test_variants_load_as_data_without_unpickling(exported, tmp_path, monkeypatc
     res = run_cli("serve", str(out), "--variant", "compile", "--port", "1",
                   env={"T2I_CACHE": str(tmp_path / "elsewhere")})
     assert res.returncode == 2 and "--trusted-artifacts" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_int8_static_quantizes_the_unet_from_its_own_calibration_data(exported, tmp_path, monkeypatch):
+    """int8-static's folder is eager-fp32's safetensors plus the UNet inputs it calibrates on (recorded
+    on prompts other than the gate's); loading re-quantizes the convolutions and linear layers from them
+    (int8 weights per channel, static activations), a batch over MAX_ROWS runs in pieces with the same
+    result, and a folder without its calibration is one clear error."""
+    import shutil
+
+    from core.io import read_safetensors
+    from export.variants import REGISTRY
+    from export.variants.int8_static import CALIBRATION, StaticInt8Base, _Quantized
+
+    out, manifest = exported
+    notes = manifest.variants["int8-static"].notes
+    assert "convolutions" in notes["quantized"] and "8 prompts" in notes["calibration"]
+    tensors, meta = read_safetensors(out / "int8-static" / CALIBRATION)
+    assert len([k for k in tensors if k.startswith("sample.")]) == 4  # 4 steps: every one kept
+    from export.config import ExportConfig
+    from export.export import plan_for
+
+    gate = plan_for(ExportConfig(model=str(out), out=str(out), num_images=8))[0]["quality_prompts"]
+    assert meta["prompts"].splitlines() != gate and meta["seeds"] == "10000..10007"
+    gen = StaticInt8Base().load(out / "int8-static", "cpu")  # the quantized graph, not yet compiled
+    q = gen.backend.unet_model
+    assert isinstance(q, _Quantized)
+    targets = [str(n.target) for n in q.graph.graph.nodes if n.op == "call_function"]
+    convs = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in
+                REGISTRY["eager-fp32"].load(out / "eager-fp32", "cpu").backend.unet_model.modules())
+    assert sum("dequantize_per_channel" in t for t in targets) >= convs * 0.9, (convs, len(targets))
+    assert any("quantize_per_tensor" in t for t in targets)
+    x, t, emb = tensors["sample.0"].float()[:3], tensors["timestep.0"][:3], tensors["encoder_hidden_states.0"].float()[:3]
+    whole = q(x, t, emb)[0]
+    monkeypatch.setattr(_Quantized, "MAX_ROWS", 2)
+    assert torch.allclose(q(x, t, emb)[0], whole, atol=1e-5)
+    assert torch.allclose(q(x[:1], t[:1].reshape(()), emb[:1])[0], whole[:1], atol=1e-5)  # a scalar timestep
+    bare = tmp_path / "bare"
+    shutil.copytree(out / "int8-static", bare)
+    (bare / CALIBRATION).unlink()
+    with pytest.raises(UserError, match="re-run `t2i export`"):
+        REGISTRY["int8-static"].load(bare, "cpu", trusted=True)
+    assert "x86 CPUs" in REGISTRY["int8-static"].unsupported("cuda")
 
 
 @pytest.mark.slow
@@ -331,7 +376,8 @@ def test_planted_pickle_is_never_loaded(exported, tmp_path):
     eager.with_suffix(".bin").write_bytes(evil)  # diffusers' pickled weight format
     (bad / "onnx-fp32" / "unet" / "model.onnx").write_bytes(evil)
     (bad / "compile" / "inductor_cache.bin").write_bytes(evil)
-    for name in ("int8-torchao", "int8-bnb", "eager-fp32", "onnx-fp32", "compile"):
+    (bad / "int8-static" / "calibration.safetensors").write_bytes(evil)
+    for name in ("int8-torchao", "int8-bnb", "eager-fp32", "onnx-fp32", "compile", "int8-static"):
         with pytest.raises(Exception) as err:
             load(bad, name, trusted=True)  # even trusted: a changed cache no longer matches its hash
         assert not marker.exists(), name

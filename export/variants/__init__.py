@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from export.variants import compiled, eager, int8_bnb, int8_torchao, onnx
+from export.variants import compiled, eager, int8_bnb, int8_static, int8_torchao, onnx
 
 REGISTRY: dict[str, object] = {
     "eager-fp32": eager.Eager("fp32"),
@@ -21,6 +21,7 @@ REGISTRY: dict[str, object] = {
     "int8-bnb": int8_bnb.BnbInt8(),
     "compile": compiled.Compiled(base="eager-fp32"),
     "compile-int8": compiled.Compiled(base="int8-torchao"),
+    "int8-static": compiled.Compiled(base=int8_static.StaticInt8Base()),
     "onnx-fp32": onnx.Onnx("fp32"),
     "onnx-fp16": onnx.Onnx("fp16"),
     "onnx-int8": onnx.Onnx("int8"),

@@ -42,9 +42,26 @@ def _bucketed(fn, buckets: list[int]):
     return call
 
 
-def _compile(gen) -> None:
+class _Patched(torch.nn.Module):
+    """``module`` called with Inductor's config patched by ``options``: compiling is lazy (at the first call
+    of each shape), and ``torch.compile(options=)`` does not carry every setting (freezing) into it."""
+
+    def __init__(self, module, options: dict):
+        super().__init__()
+        self.module, self.options = module, options
+
+    def forward(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(self.options):
+            return self.module(*args, **kwargs)
+
+
+def _compile(gen, options: dict | None = None) -> None:
     be = gen.backend
     be.unet_model = torch.compile(be.unet_model, dynamic=False)
+    if options:
+        be.unet_model = _Patched(be.unet_model, options)
     be.vae.decode = torch.compile(be.vae.decode, dynamic=False)
     be.row_buckets = ROW_BUCKETS  # what serving warms up (service.py)
     be.unet, be.decode = _bucketed(be.unet, ROW_BUCKETS), _bucketed(be.decode, ROW_BUCKETS)
@@ -71,14 +88,19 @@ def warm_up(gen, batch_sizes: list[int], steps: int = 2, max_rows: int = 0) -> f
 
 
 class Compiled:
-    def __init__(self, base: str):
-        self.base = base
+    """``base``: a registry name, or an object with the variant functions and a ``name`` that exists only
+    compiled (int8-static: its quantized graph runs as int8 only once Inductor lowers it)."""
+
+    def __init__(self, base):
+        self._base_obj = None if isinstance(base, str) else base
+        self.base = base if isinstance(base, str) else base.name
         self.TOLERANCE = 2.0 if base == "eager-fp32" else 12.0
+        self.options = getattr(base, "INDUCTOR_OPTIONS", None)  # Inductor config patches for the UNet
 
     def _base(self):
         from export.variants import REGISTRY
 
-        return REGISTRY[self.base]
+        return self._base_obj or REGISTRY[self.base]
 
     def unsupported(self, device: str) -> str | None:
         reason = self._base().unsupported(device)
@@ -94,7 +116,7 @@ class Compiled:
         notes = self._base().build(model_dir, out_dir, device, ctx)
         torch.compiler.reset()
         gen = self._base().load(out_dir, device)
-        _compile(gen)
+        _compile(gen, self.options)
         cold = warm_up(gen, ctx.get("batch_sizes", [1]))
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None:
@@ -116,6 +138,6 @@ class Compiled:
         if (var_dir / CACHE_FILE).exists():  # verified and trusted, or refused, before anything runs
             torch.compiler.load_cache_artifacts(trust.verified_bytes(var_dir, CACHE_FILE, trusted))
         gen = self._base().load(var_dir, device)
-        _compile(gen)
-        gen.info = {"variant": f"compile ({self.base})", "warm_start_s": round(warm_up(gen, batch_sizes), 1)}
+        _compile(gen, self.options)
+        gen.info = {"variant": f"compile ({self.base})" if self._base_obj is None else self.base, "warm_start_s": round(warm_up(gen, batch_sizes), 1)}
         return gen
