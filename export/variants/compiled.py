@@ -94,7 +94,7 @@ class Compiled:
     def __init__(self, base):
         self._base_obj = None if isinstance(base, str) else base
         self.base = base if isinstance(base, str) else base.name
-        self.TOLERANCE = 2.0 if base == "eager-fp32" else 12.0
+        self.TOLERANCE = 2.0 if base == "eager-fp32" else getattr(base, "TOLERANCE", 12.0)
         self.options = getattr(base, "INDUCTOR_OPTIONS", None)  # Inductor config patches for the UNet
 
     def _base(self):

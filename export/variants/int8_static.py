@@ -118,7 +118,9 @@ class StaticInt8Base:
     """Writes and reads the folder; ``compiled.Compiled`` around it compiles the quantized UNet."""
 
     name = "int8-static"
-    TOLERANCE = 12.0
+    # wider than the dynamic int8 variants' 12: activation ranges fixed from a few prompts clip the rest, and
+    # without VNNI oneDNN gives up a bit of the weights' range (its u8s8 products would saturate otherwise)
+    TOLERANCE = 16.0
     INDUCTOR_OPTIONS = {"freezing": True}  # weights as constants: what lowers quantized patterns to oneDNN int8
 
     def unsupported(self, device: str) -> str | None:
