@@ -20,9 +20,6 @@ _KNOWN_NOISE = [
     (r".*`resume_download` is deprecated.*", FutureWarning),
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", FutureWarning),
     (r".*copying from a non-meta parameter in the checkpoint to a meta parameter.*", UserWarning),
-    # Inductor's own oneDNN int8 lowering (int8-static) copies its zero points this way
-    (r".*To copy construct from a tensor, it is recommended to use sourceTensor\.detach\(\)\.clone\(\).*",
-     UserWarning),
 ]
 
 
@@ -46,6 +43,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for message, category in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category or Warning)
+    # Inductor's own oneDNN int8 lowering (int8-static) copies its zero points this way; only there
+    warnings.filterwarnings("ignore", message=r".*To copy construct from a tensor.*", category=UserWarning,
+                            module=r"torch\._inductor\.mkldnn_lowerings")
     for name in ("torch.utils._pytree", "torchao", "bitsandbytes", "accelerate", "datasets", "onnxruntime",
                  "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -92,14 +92,19 @@ def setup(cfg: ExportConfig) -> dict:
 
 # ============================================================================ run
 
-def calibration_prompts(state: dict, cfg: ExportConfig, n: int = 8) -> list[str]:
-    """Prompts a static quantizer calibrates on: drawn like the gate's, with another seed, so the gate
-    measures the variant on prompts it was not calibrated with (mostly: small prompt sets overlap)."""
+def calibration_prompts(state: dict, cfg: ExportConfig, n: int = 8) -> tuple[list[str], int]:
+    """``n`` prompts a static quantizer calibrates on, drawn like the gate's but outside them where the
+    prompt source has more (a prompts file's later lines, other captions, other scenes); and how many
+    of them are among the gate's prompts (all of them when the source has no others)."""
     from evaluation.evaluate import EvalConfig, prompt_set
 
-    items = prompt_set(EvalConfig(num_images=n, seed=cfg.seed + 7919, features=cfg.features, prompts=cfg.prompts),
-                       state["captions"])
-    return [it["prompt"] for it in items]
+    gate = set(plan_for(cfg, state["captions"])[0]["quality_prompts"])
+    pool = prompt_set(EvalConfig(num_images=cfg.num_images + 8 * n, seed=cfg.seed + 7919, features=cfg.features,
+                                 prompts=cfg.prompts), state["captions"])
+    pool = list(dict.fromkeys(it["prompt"] for it in pool))
+    fresh = [p for p in pool if p not in gate]
+    prompts = (fresh + [p for p in pool if p in gate])[:n]
+    return prompts, sum(p in gate for p in prompts)
 
 
 def build_variants(state: dict, cfg: ExportConfig) -> dict[str, VariantEntry]:
@@ -107,7 +112,8 @@ def build_variants(state: dict, cfg: ExportConfig) -> dict[str, VariantEntry]:
 
     entries: dict[str, VariantEntry] = {}
     ctx = {"batch_sizes": cfg.batch_sizes, "built": {}, "notes": {},  # approximate variants reuse a built base
-           "steps": cfg.steps, "guidance": cfg.guidance, "calibration_prompts": calibration_prompts(state, cfg)}
+           "steps": cfg.steps, "guidance": cfg.guidance}
+    ctx["calibration_prompts"], ctx["calibration_overlap"] = calibration_prompts(state, cfg)
     for name in tqdm(state["names"], desc="building variants", unit="variant"):
         variant = get(name)
         reason = variant.unsupported(state["device"])

@@ -1,5 +1,5 @@
 """torch.compile (Inductor) of the UNet and the VAE decoder, on top of another variant's weights
-(eager-fp32 or int8-torchao). Build warms up every batch size the service will use and saves
+(eager-fp32, int8-torchao, or int8-static's quantized graph). Build warms up every batch size the service will use and saves
 Inductor's compiled artifacts (``torch.compiler.save_cache_artifacts``) into the folder, so a fresh
 process loads them instead of compiling from scratch (the benchmark reports both starts).
 
@@ -100,12 +100,12 @@ class Compiled:
     def _base(self):
         from export.variants import REGISTRY
 
-        return self._base_obj or REGISTRY[self.base]
+        return self._base_obj if self._base_obj is not None else REGISTRY[self.base]
 
     def unsupported(self, device: str) -> str | None:
         reason = self._base().unsupported(device)
         if reason:
-            return f"its base {self.base} is unsupported: {reason}"
+            return reason if self._base_obj is not None else f"its base {self.base} is unsupported: {reason}"
         if not hasattr(torch.compiler, "save_cache_artifacts"):
             return f"torch {torch.__version__} has no torch.compiler.save_cache_artifacts (torch >= 2.7 does)"
         if device == "cpu" and not shutil.which("g++") and not shutil.which("c++"):
@@ -115,6 +115,9 @@ class Compiled:
     def build(self, model_dir: Path, out_dir: Path, device: str, ctx: dict) -> dict:
         notes = self._base().build(model_dir, out_dir, device, ctx)
         torch.compiler.reset()
+        from torch.compiler._cache import CacheArtifactManager
+
+        CacheArtifactManager.clear()  # else the cache file would also carry the graphs built before this variant
         gen = self._base().load(out_dir, device)
         _compile(gen, self.options)
         cold = warm_up(gen, ctx.get("batch_sizes", [1]))
@@ -139,5 +142,6 @@ class Compiled:
             torch.compiler.load_cache_artifacts(trust.verified_bytes(var_dir, CACHE_FILE, trusted))
         gen = self._base().load(var_dir, device)
         _compile(gen, self.options)
-        gen.info = {"variant": f"compile ({self.base})" if self._base_obj is None else self.base, "warm_start_s": round(warm_up(gen, batch_sizes), 1)}
+        gen.info = {"variant": f"compile ({self.base})" if self._base_obj is None else self.base,
+                    "warm_start_s": round(warm_up(gen, batch_sizes), 1)}
         return gen

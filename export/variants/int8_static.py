@@ -1,17 +1,19 @@
 """int8-static: static int8 of the UNet through PyTorch 2 export quantization (PT2E) and Inductor.
 
-The UNet's convolutions and linear layers get int8 weights (per output channel) and int8 activations
-whose ranges were calibrated on the UNet's own inputs while the model sampled (``X86InductorQuantizer``);
-Inductor (with freezing) lowers them to oneDNN's int8 kernels, which use VNNI or AMX where the CPU has
-them. Unlike int8-torchao (activations quantized per call, in Python-visible ops) and onnx-int8
-(MatMuls only; ONNX Runtime's ConvInteger is slower than its fp32 convolution) this quantizes the
-convolutions, which are most of a real-size UNet's arithmetic on a CPU. Attention, the norms and the
-text encoder and VAE stay fp32.
+Every convolution and linear layer of the UNet (the attention's projections included; the attention
+product itself, the norms, the text encoder and the VAE stay fp32) gets int8 weights per output channel
+and int8 activations whose ranges were calibrated on the UNet's own inputs while the model sampled
+(torchao's ``X86InductorQuantizer``: histogram observers for activations, per-channel min/max for
+weights). Inductor, with freezing, lowers them to oneDNN's int8 kernels, which use VNNI or AMX where the
+CPU has them (without VNNI, activations use 7 bits, as torchao advises). Unlike int8-torchao (activations
+quantized per call) and onnx-int8 (MatMuls only; ONNX Runtime's ConvInteger is slower than its fp32
+convolution) this quantizes the convolutions, most of a real-size UNet's arithmetic on a CPU.
 
-The folder is eager-fp32's (safetensors) plus ``calibration.safetensors``: the UNet inputs recorded
-while the model drew images for a few prompts unlike the gate's (other prompts and seeds). Loading
-re-quantizes from those (observers' min/max, deterministic) and compiles through ``compiled.Compiled``,
-so nothing in the folder is code; the compiled graphs are cached as the compile variant's are."""
+The folder is eager-fp32's (safetensors) plus ``calibration.safetensors``: the observers' statistics after
+the model drew images for prompts other than the gate's. Loading exports the UNet, loads those statistics
+into a freshly prepared graph (no forward pass: a real-size UNet loads in the time its export takes),
+converts and compiles through ``compiled.Compiled``: nothing in the folder is code but the Inductor cache,
+which loads only when trusted."""
 from __future__ import annotations
 
 import platform
@@ -24,7 +26,23 @@ from core.io import read_safetensors, write_safetensors
 from core.sampling import GenerationRequest
 
 CALIBRATION = "calibration.safetensors"
-CALIBRATION_STEPS = 6  # UNet calls kept per calibration generation, evenly over the steps
+CALIBRATION_STEPS = 6  # UNet calls observed per calibration generation, evenly over the steps
+CALIBRATION_SEED = 10_000  # calibration image i uses this + i; the gate's seeds start at the export's seed
+OBSERVER = "activation_post_process_"  # how prepare_pt2e names its observers
+
+
+def _per_row(timestep: torch.Tensor, rows: int) -> torch.Tensor:
+    """One float32 timestep per row (the sampler passes one for all, or one per row; float keeps
+    schedulers with fractional timesteps exact, and the UNet embeds integers as floats anyway)."""
+    t = timestep.reshape(-1).to(torch.float32)
+    return (t.expand(rows) if t.numel() == 1 else t).contiguous()
+
+
+def _chunked(fn, sample, t, emb, rows: int):
+    """``fn`` over at most ``rows`` rows at a time, concatenated."""
+    if sample.shape[0] <= rows:
+        return fn(sample, t, emb)
+    return torch.cat([fn(sample[i:i + rows], t[i:i + rows], emb[i:i + rows]) for i in range(0, sample.shape[0], rows)])
 
 
 class _Call(torch.nn.Module):
@@ -50,67 +68,91 @@ class _Quantized(torch.nn.Module):
         self.graph, self.config, self.dtype = graph, config, torch.float32
 
     def forward(self, sample, timestep, encoder_hidden_states, return_dict=False):
-        t = (timestep.reshape(-1).expand(sample.shape[0]) if timestep.numel() == 1 else timestep).to(torch.long)
-        n, k = sample.shape[0], self.MAX_ROWS
-        if n <= k:
-            return (self.graph(sample, t.contiguous(), encoder_hidden_states),)
-        return (torch.cat([self.graph(sample[i:i + k], t[i:i + k].contiguous(), encoder_hidden_states[i:i + k])
-                           for i in range(0, n, k)]),)
+        t = _per_row(timestep, sample.shape[0])
+        return (_chunked(self.graph, sample, t, encoder_hidden_states, self.MAX_ROWS),)
 
 
-def _record(gen, prompts: list[str], steps: int, guidance: float) -> dict[str, torch.Tensor]:
+def _record(gen, prompts: list[str], steps: int, guidance: float) -> list[tuple]:
     """The UNet's inputs (latents, per-row timesteps, text embeddings) at ``CALIBRATION_STEPS`` of the
     steps of one batched generation of ``prompts``."""
     calls: list[tuple] = []
     unet = gen.backend.unet_model
 
     def recording(sample, timestep, emb, **kw):
-        t = timestep.reshape(-1).expand(sample.shape[0]) if timestep.numel() == 1 else timestep
-        calls.append((sample.clone(), t.clone(), emb.clone()))
+        calls.append((sample.clone(), _per_row(timestep, sample.shape[0]), emb.clone()))
         return unet(sample, timestep, emb, **kw)
 
     gen.backend.unet_model = recording
     try:
-        gen.generate([GenerationRequest(p, num_inference_steps=steps, guidance_scale=guidance, seed=10_000 + i)
-                      for i, p in enumerate(prompts)])
+        gen.generate([GenerationRequest(p, num_inference_steps=steps, guidance_scale=guidance,
+                                        seed=CALIBRATION_SEED + i) for i, p in enumerate(prompts)])
     finally:
         gen.backend.unet_model = unet
     keep = sorted({round(i * (len(calls) - 1) / max(1, CALIBRATION_STEPS - 1)) for i in range(CALIBRATION_STEPS)})
-    out = {}
-    for j, i in enumerate(keep):
-        out[f"sample.{j}"], out[f"timestep.{j}"], out[f"encoder_hidden_states.{j}"] = calls[i]
-    return out
+    return [calls[i] for i in keep]
 
 
-def _calls(tensors: dict, where: Path) -> list[tuple]:
-    n = sum(1 for k in tensors if k.startswith("sample."))
+def _vnni() -> bool:
     try:
-        calls = [(tensors[f"sample.{j}"].float(), tensors[f"timestep.{j}"].long(),
-                  tensors[f"encoder_hidden_states.{j}"].float()) for j in range(n)]
-    except KeyError as e:
-        raise UserError(f"{where} lacks {e.args[0]}; re-run `t2i export`") from None
-    if not calls:
-        raise UserError(f"{where} holds no calibration inputs; re-run `t2i export`")
-    return calls
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True  # not Linux: assume a current CPU
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
 
 
-def quantize_unet(unet, calls: list[tuple]):
-    """``unet`` (fp32, eval) exported with dynamic batch, height and width, annotated for x86 int8,
-    calibrated on ``calls`` and converted: a module the sampler calls like the UNet."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+def _prepared(unet, example: tuple):
+    """``unet`` exported with dynamic batch, height and width and annotated with x86 int8 observers."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     dyn = torch.export.Dim.DYNAMIC  # ranges inferred: diffusers' upsampler branches at 64 rows (see _Quantized)
-    example = calls[0]
+    example = tuple(x[:_Quantized.MAX_ROWS] for x in example)
     with torch.no_grad():
         graph = torch.export.export(_Call(unet), example, dynamic_shapes={
             "sample": {0: dyn, 2: dyn, 3: dyn}, "timestep": {0: dyn}, "encoder_hidden_states": {0: dyn}}).module()
-        quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-        graph = prepare_pt2e(graph, quantizer)
-        for call in calls:
-            graph(*call)
-        graph = convert_pt2e(graph)
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=not _vnni()))
+    return prepare_pt2e(graph, quantizer)
+
+
+def _statistics(graph) -> dict[str, torch.Tensor]:
+    """Every observer's buffers by name (copies: observers shared between inputs appear under each name)."""
+    return {k: v.clone() for k, v in graph.state_dict().items() if k.startswith(OBSERVER)}
+
+
+def calibrate(unet, calls: list[tuple]) -> dict[str, torch.Tensor]:
+    """The observers' statistics after ``calls`` (each at most MAX_ROWS rows at a time)."""
+    graph = _prepared(unet, calls[0])
+    with torch.no_grad():
+        for sample, t, emb in calls:
+            _chunked(graph, sample, t, emb, _Quantized.MAX_ROWS)
+    return _statistics(graph)
+
+
+def quantize_unet(unet, statistics: dict[str, torch.Tensor], example: tuple, where: str = "calibration"):
+    """``unet`` (fp32, eval) quantized with the observers' ``statistics``: a module the sampler calls like
+    the UNet. ``example``: inputs of the shapes it will see (the export traces them)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    graph = _prepared(unet, example)
+    expected = _statistics(graph)
+    remedy = "re-run `t2i export`"
+    if set(statistics) != set(expected):
+        missing, extra = sorted(set(expected) - set(statistics)), sorted(set(statistics) - set(expected))
+        raise UserError(f"{where} does not match this UNet's observers ({len(missing)} missing, {len(extra)} "
+                        f"unknown, e.g. {(missing or extra)[0]}); {remedy}")
+    for k, v in statistics.items():
+        e = expected[k]
+        if v.dtype != e.dtype or v.dim() != e.dim() or (e.numel() > 1 and v.shape != e.shape) or \
+                not torch.isfinite(v).all():
+            raise UserError(f"{where}: {k} is not a finite statistic of its observer's shape; {remedy}")
+    try:
+        graph.load_state_dict(statistics, strict=False)
+        with torch.no_grad():
+            graph = convert_pt2e(graph)
+    except (RuntimeError, ValueError, IndexError) as e:  # e.g. a per-channel statistic of the wrong length
+        raise UserError(f"{where} does not fit this UNet ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"{remedy}") from None
     return _Quantized(graph, unet.config)
 
 
@@ -118,8 +160,8 @@ class StaticInt8Base:
     """Writes and reads the folder; ``compiled.Compiled`` around it compiles the quantized UNet."""
 
     name = "int8-static"
-    # wider than the dynamic int8 variants' 12: activation ranges fixed from a few prompts clip the rest, and
-    # without VNNI oneDNN gives up a bit of the weights' range (its u8s8 products would saturate otherwise)
+    # wider than the dynamic int8 variants' 12 (the micro model's round trip: 10.2 levels with VNNI): ranges
+    # fixed from a few prompts clip the rest, and without VNNI activations keep 7 bits (reduce_range)
     TOLERANCE = 16.0
     INDUCTOR_OPTIONS = {"freezing": True}  # weights as constants: what lowers quantized patterns to oneDNN int8
 
@@ -139,16 +181,16 @@ class StaticInt8Base:
         from export.variants import REGISTRY
 
         notes = REGISTRY["eager-fp32"].build(model_dir, out_dir, device, ctx)
-        prompts = ctx.get("calibration_prompts") or ["a photo"]
+        prompts, steps = ctx["calibration_prompts"], ctx["steps"]
         gen = REGISTRY["eager-fp32"].load(out_dir, device)
-        calib = _record(gen, prompts, ctx.get("steps", 20), ctx.get("guidance", 5.0))
-        write_safetensors(out_dir / CALIBRATION, {k: v.half() if v.is_floating_point() else v
-                                                  for k, v in calib.items()},
-                          {"prompts": "\n".join(prompts), "seeds": f"10000..{10_000 + len(prompts) - 1}"})
+        calls = _record(gen, prompts, steps, ctx["guidance"])
+        write_safetensors(out_dir / CALIBRATION, calibrate(gen.backend.unet_model, calls),
+                          {"prompts": "\n".join(prompts),
+                           "seeds": f"{CALIBRATION_SEED}..{CALIBRATION_SEED + len(prompts) - 1}"})
         return {**notes, "quantized": "UNet convolutions and linear layers (int8 weights per channel, "
                                       "static int8 activations)",
-                "calibration": f"{len(prompts)} prompts, UNet inputs at {len(calib) // 3} of "
-                               f"{ctx.get('steps', 20)} steps"}
+                "calibration": f"{len(prompts)} prompts ({ctx.get('calibration_overlap', 0)} of them among the "
+                               f"gate's), UNet inputs at {len(calls)} of {steps} steps"}
 
     def load(self, var_dir: Path, device: str, trusted: bool = False):
         from export.variants import REGISTRY
@@ -156,7 +198,11 @@ class StaticInt8Base:
         where = var_dir / CALIBRATION
         if not where.exists():
             raise UserError(f"{var_dir} has no {CALIBRATION}; re-run `t2i export`")
-        tensors, _ = read_safetensors(where, remedy="re-run `t2i export`")
+        statistics, _ = read_safetensors(where, remedy="re-run `t2i export`")
         gen = REGISTRY["eager-fp32"].load(var_dir, device)
-        gen.backend.unet_model = quantize_unet(gen.backend.unet_model, _calls(tensors, where))
+        unet = gen.backend.unet_model
+        side = unet.config.sample_size
+        emb = gen.encode(["", ""])
+        example = (torch.zeros(2, unet.config.in_channels, side, side), torch.tensor([500.0, 500.0]), emb)
+        gen.backend.unet_model = quantize_unet(unet, statistics, example, str(where))
         return gen
