@@ -45,17 +45,6 @@ def _chunked(fn, sample, t, emb, rows: int):
     return torch.cat([fn(sample[i:i + rows], t[i:i + rows], emb[i:i + rows]) for i in range(0, sample.shape[0], rows)])
 
 
-class _Call(torch.nn.Module):
-    """The UNet as a function of three tensors with one timestep per row (what torch.export traces)."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
 class _Quantized(torch.nn.Module):
     """The quantized graph behind the diffusers call the sampler makes (scalar or per-row timestep,
     ``return_dict=False``); ``config`` and ``dtype`` are the float UNet's. Batches over ``MAX_ROWS`` run
@@ -105,10 +94,12 @@ def _prepared(unet, example: tuple):
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
+    from export.variants.onnx import _Unet  # the UNet as a function of three tensors, as the ONNX export traces it
+
     dyn = torch.export.Dim.DYNAMIC  # ranges inferred: diffusers' upsampler branches at 64 rows (see _Quantized)
     example = tuple(x[:_Quantized.MAX_ROWS] for x in example)
     with torch.no_grad():
-        graph = torch.export.export(_Call(unet), example, dynamic_shapes={
+        graph = torch.export.export(_Unet(unet), example, dynamic_shapes={
             "sample": {0: dyn, 2: dyn, 3: dyn}, "timestep": {0: dyn}, "encoder_hidden_states": {0: dyn}}).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=not _vnni()))
