@@ -97,10 +97,14 @@ def test_every_cpu_variant_round_trips_within_tolerance(exported):
 def test_step_batching_matches_alone_for_each_backend(exported, name):
     """Step batching through each backend (ONNX takes one timestep per sample; compile gets padded
     row buckets): a request in a mixed running set gets the image it gets alone."""
-    from tests.test_stepper import assert_same_as_alone
+    from tests.test_stepper import MIXED, assert_same_as_alone
 
+    gen = load(exported[0], name, trusted=True)
+    if name == "int8-static":  # Inductor compiles each row bucket (minutes for all of MIXED's): 2, then 4 rows
+        assert_same_as_alone(gen, MIXED[:2], max_rows=4, tol=1)
+        return
     # dynamic int8 takes its activation scale from the whole batch: company moves it by a level or two
-    assert_same_as_alone(load(exported[0], name, trusted=True), tol=3 if name.startswith("onnx-int8") else 1)
+    assert_same_as_alone(gen, tol=3 if name.startswith("onnx-int8") else 1)
 
 
 @pytest.mark.slow
