@@ -7,9 +7,10 @@ and int8 activations whose ranges were calibrated on the UNet's own inputs while
 weights). Inductor, with freezing, lowers them to oneDNN's int8 kernels, which use VNNI or AMX where the
 CPU has them. Activations keep all 8 bits on every x86 CPU: torchao advises 7 (``reduce_range``) without
 VNNI, but on an AVX2 CPU without it the micro model's round trip was 17.1 levels with 7 bits and 10.8 with 8
-(10.2-10.5 with VNNI), and the round trip each export measures would catch a model that overflowed. Unlike int8-torchao (activations
-quantized per call) and onnx-int8 (MatMuls only; ONNX Runtime's ConvInteger is slower than its fp32
-convolution) this quantizes the convolutions, most of a real-size UNet's arithmetic on a CPU.
+(10.2-10.5 with VNNI), and the round trip each export measures would catch a model that overflowed.
+Unlike int8-torchao (activations quantized per call) and onnx-int8 (MatMuls only; ONNX Runtime's
+ConvInteger is slower than its fp32 convolution) this quantizes the convolutions, most of a real-size
+UNet's arithmetic on a CPU.
 
 The folder is eager-fp32's (safetensors) plus ``calibration.safetensors``: the observers' statistics after
 the model drew images for prompts other than the gate's. Loading exports the UNet, loads those statistics
