@@ -17,15 +17,29 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # the workers share the cores (and so do the processes they start)
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 def pytest_collection_modifyitems(config, items):
+    _longest_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _longest_first(items) -> None:
+    """The suite runs on two pytest-xdist workers, a file on one worker (addopts: ``-n 2 --dist loadfile``),
+    so a file's module and session fixtures are built once. test_export.py goes first: its every-variant
+    export makes it the longest file (about a third of the suite's work), and started last it would
+    leave the other worker idle at the end."""
+    items.sort(key=lambda item: item.module.__name__ != "tests.test_export")
 
 
 @pytest.fixture(scope="session", autouse=True)

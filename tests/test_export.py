@@ -20,38 +20,6 @@ COMPILED = ("compile", "int8-static")  # they ship an Inductor cache, which is c
 APPROX_VARIANTS = ["eager-fp32+cache2+trunc0.5", "onnx-int8+cache2from0.3+trunc0.5", "onnx-int8+trunc0.5", "eager-fp32+tome0.5"]
 
 
-def test_engine_matches_diffusers_pipeline(micro_model):
-    from diffusers import StableDiffusionPipeline
-
-    from export.common import load_torch_parts, torch_generator
-
-    te, unet, vae = load_torch_parts(micro_model)
-    gen = torch_generator(micro_model, te, unet, vae, torch.float32, "cpu")
-    ours = gen.generate([GenerationRequest("a red circle on the left", num_inference_steps=4, guidance_scale=4.0,
-                                           seed=3)])[0][0]
-    pipe = StableDiffusionPipeline.from_pretrained(micro_model)
-    ref = pipe("a red circle on the left", num_inference_steps=4, guidance_scale=4.0,
-               generator=torch.Generator().manual_seed(3), output_type="np").images[0]
-    ref = (ref * 255).round().astype(np.uint8)
-    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
-
-
-def test_engine_batches_mixed_requests_like_single_ones(micro_model):
-    from export.common import load_torch_parts, torch_generator
-
-    gen = torch_generator(micro_model, *load_torch_parts(micro_model), torch.float32, "cpu")
-    reqs = [GenerationRequest("a red circle", num_inference_steps=3, guidance_scale=2.0, seed=1),
-            GenerationRequest("a blue square", num_inference_steps=5, guidance_scale=7.0, seed=2, num_images=2),
-            GenerationRequest("a green cross", num_inference_steps=3, guidance_scale=1.0, seed=3,
-                              negative_prompt="red")]
-    batched = gen.generate(reqs)
-    assert [len(x) for x in batched] == [1, 2, 1]
-    for r, imgs in zip(reqs, batched):
-        alone = gen.generate([r])[0]
-        for a, b in zip(alone, imgs):
-            assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
-
-
 @pytest.fixture(scope="module")
 def exported(micro_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "exp"
@@ -99,9 +67,12 @@ def test_step_batching_matches_alone_for_each_backend(exported, name):
     row buckets): a request in a mixed running set gets the image it gets alone."""
     from tests.test_stepper import MIXED, assert_same_as_alone
 
-    # Inductor compiles each row bucket (minutes for all of MIXED's): int8-static takes buckets 1, 2 and 4
-    # (a guided and an unguided request with a negative prompt; num_images=2 is left out)
-    reqs, max_rows = (MIXED[:2], 4) if name == "int8-static" else (MIXED, 16)
+    # Inductor compiles each row bucket (minutes for all of MIXED's): int8-static takes buckets 1 and 2, two
+    # unguided requests of different lengths (one UNet row each: shared, then alone)
+    reqs, max_rows = (MIXED, 16)
+    if name == "int8-static":
+        reqs, max_rows = [MIXED[0], GenerationRequest("a blue square", num_inference_steps=20, guidance_scale=1.0,
+                                                      seed=2, request_id="b")], 2
     # dynamic int8 takes its activation scale from the whole batch: company moves it by a level or two
     assert_same_as_alone(load(exported[0], name, trusted=True), reqs, max_rows=max_rows,
                          tol=3 if name.startswith("onnx-int8") else 1)
@@ -203,43 +174,6 @@ def test_onnx_folders_have_optimum_layout(exported):
 
 
 @pytest.mark.slow
-def test_onnx_unet_matches_torch_at_native_and_double_size(micro_model, tmp_path):
-    from export.variants.onnx import COMPONENT_ATOL, _check, _export, _parts
-    from export.common import load_torch_parts, model_meta
-
-    te, unet, vae = load_torch_parts(micro_model)
-    mod, examples, ins, outs, shapes = _parts(te, unet, vae, model_meta(micro_model)["max_size"])["unet"]
-    assert [e[0].shape[-1] for e in examples] == [16, 32] and [e[0].shape[0] for e in examples] == [2, 1]
-    _export(mod, examples[0], ins, outs, shapes, tmp_path / "unet.onnx")
-    assert _check(mod, examples, tmp_path / "unet.onnx", "unet", COMPONENT_ATOL["unet"]) < 1e-4
-
-
-def test_onnx_check_refuses_a_graph_that_does_not_take_every_size(tmp_path):
-    """A graph exported with a fixed size (as an exporter may silently specialize one) is not kept."""
-    from core.errors import UserError
-    from export.variants.onnx import _check, _export
-
-    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
-    _export(conv, (torch.randn(2, 4, 8, 8),), ["sample"], ["out"], None, tmp_path / "static.onnx")
-    assert _check(conv, [(torch.randn(2, 4, 8, 8),)], tmp_path / "static.onnx", "conv", 1e-5) < 1e-5
-    with pytest.raises(UserError, match=r"ONNX conv does not run on inputs \{'sample': \[1, 4, 16, 16\]\}"):
-        _check(conv, [(torch.randn(2, 4, 8, 8),), (torch.randn(1, 4, 16, 16),)], tmp_path / "static.onnx", "conv", 1e-5)
-
-
-def test_generator_refuses_sizes_it_does_not_offer(micro_model):
-    from core.errors import UserError
-    from export.common import load_torch_parts, torch_generator
-
-    gen = torch_generator(micro_model, *load_torch_parts(micro_model), torch.float32, "cpu")
-    assert (gen.native_size, gen.min_size, gen.max_size, gen.size_factor) == (32, 16, 64, 8)
-    for w, h in ((36, 32), (32, 72), (8, 8)):
-        with pytest.raises(UserError, match="multiples of 8 from 16 to 64"):
-            gen.generate([GenerationRequest("a red circle", num_inference_steps=1, width=w, height=h)])
-    [[im]] = gen.generate([GenerationRequest("a red circle", num_inference_steps=1, width=64, height=48)])
-    assert im.shape == (48, 64, 3)
-
-
-@pytest.mark.slow
 def test_fresh_process_loads_selected_variant(exported):
     out, manifest = exported
     code = ("import sys; from export.loader import load; from core.sampling import GenerationRequest;"
@@ -248,55 +182,6 @@ def test_fresh_process_loads_selected_variant(exported):
     res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[0] == manifest.selected and "(32, 32, 3)" in res.stdout
-
-
-@pytest.mark.slow
-def test_bad_export_input(micro_model, tmp_path):
-    res = run_cli("export", str(tmp_path / "missing"), "--out", str(tmp_path / "e"))
-    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("export", str(micro_model), "--out", str(tmp_path / "e"), "--variants", "eager-fp32,turbo-int3")
-    assert res.returncode == 2 and "turbo-int3" in res.stderr and "onnx-fp32" in res.stderr
-    assert not (tmp_path / "e").exists()
-    res = run_cli("export", str(micro_model), "--out", str(tmp_path / "e2"), "--variants", "eager-bf16",
-                  "--num-images", "4", "--repeats", "1", "--batch-sizes", "1", "--steps", "2",
-                  "--max-fid-drift", "0", "--max-adherence-drop", "0")
-    assert res.returncode == 2 and "no variant meets the budget" in res.stderr and "Traceback" not in res.stderr
-
-
-@pytest.mark.slow
-def test_a_model_of_real_images_is_gated_on_its_own_data(micro_model, tmp_path):
-    """export.references: the dataset's captions become the quality prompts and its images (any size,
-    side-car captions) the FID references; free prompts without references are refused before anything
-    is built."""
-    from PIL import Image
-
-    data = tmp_path / "photos"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    captions = [f"a photo of my {w}" for w in ("dog", "cat", "bike", "garden", "kitchen", "car")]
-    for i, cap in enumerate(captions * 2):
-        arr = rng.integers(0, 256, (30 + 7 * i, 48, 3), dtype=np.uint8)  # odd aspect ratios
-        Image.fromarray(arr).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(cap)
-    out = tmp_path / "e"
-    res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32,eager-bf16",
-                  "--references.path", str(data), "--num-images", "6", "--repeats", "1", "--batch-sizes", "1",
-                  "--steps", "2", "--max-fid-drift", "1000", "--max-adherence-drop", "0", timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    m = read_manifest(out)
-    assert m.config["references"]["path"] == str(data)
-    for e in m.measured().values():
-        assert e.quality.reference_images == 12 and e.quality.adherence is None
-    assert m.selected is not None and "adherence not measured" in m.selection_reason
-    bench = (out / "bench.md").read_text()
-    assert "prompts: the references' captions" in bench and f"12 images of {data}" in bench
-    assert "not measured" in bench
-    free = tmp_path / "prompts.txt"
-    free.write_text("a photo of my dog\na watercolour of a lighthouse\n")
-    res = run_cli("export", str(micro_model), "--out", str(tmp_path / "e2"), "--prompts", str(free),
-                  "--variants", "eager-fp32", "--num-images", "4")
-    assert res.returncode == 2 and "export.references" in res.stderr and "Traceback" not in res.stderr
-    assert not (tmp_path / "e2").exists()
 
 
 @pytest.mark.slow
@@ -420,14 +305,6 @@ def test_planted_pickle_is_never_loaded(exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_hung_benchmark_is_stopped_at_its_timeout(micro_model, tmp_path):
-    res = run_cli("export", str(micro_model), "--out", str(tmp_path / "e"), "--variants", "eager-fp32",
-                  "--num-images", "4", "--repeats", "1", "--batch-sizes", "1", "--steps", "2", "--bench-timeout-s", "0.5")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "benchmark did not finish within bench_timeout_s=0.5 s" in res.stderr
-
-
-@pytest.mark.slow
 def test_memory_is_measured_per_variant(exported):
     """Each variant's own memory is sampled while it loads and runs (ru_maxrss gave every variant the
     same number: the libraries' import peak), and a large allocation shows up in it."""
@@ -442,41 +319,6 @@ def test_memory_is_measured_per_variant(exported):
     _, manifest = exported
     own = {n: manifest.variants[n].bench.variant_rss_mb for n in CPU_VARIANTS}
     assert all(v is not None and v > 0 for v in own.values()) and len(set(own.values())) > 1, own
-
-
-@pytest.mark.slow
-def test_onnx_conversions_keep_weights_outside_the_protobuf(micro_model, tmp_path, monkeypatch):
-    """An SD 1.x UNet (3.4 GB fp32) cannot live in one protobuf (2 GB): above EXTERNAL_DATA_MB the
-    weights go to model.onnx.data and the fp16 / int8 conversions must work through paths. Forced
-    here on the micro model: the converted graphs keep their weights outside, leave no fp32 data
-    behind, and the int8 one loads and draws what eager does."""
-    import onnx
-
-    from export.variants import onnx as ox
-
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_MB", 0)
-    for precision in ("int8", "fp16"):
-        out = tmp_path / precision
-        ox.Onnx(precision).build(micro_model, out, "cpu", {})
-        for part in ("text_encoder", "unet"):
-            path = out / part / "model.onnx"
-            data = ox._data_files(path)
-            assert data and {f.name for f in path.parent.glob("*.data")} == data, (precision, part)
-            m = onnx.load(str(path), load_external_data=False)
-            kinds = {t.data_type for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-            want = onnx.TensorProto.INT8 if precision == "int8" else onnx.TensorProto.FLOAT16
-            assert want in kinds, (precision, part, kinds)
-            onnx.checker.check_model(str(path))  # a valid graph (nodes in order), read by path as large ones are
-    req = [GenerationRequest("a red circle", num_inference_steps=4, seed=1)]
-    got = ox.Onnx("int8").load(tmp_path / "int8", "cpu").generate(req)[0][0].astype(int)
-    ref = load_generator_images(micro_model, req)
-    assert np.abs(got - ref).mean() <= ox.Onnx("int8").TOLERANCE
-
-
-def load_generator_images(model, reqs):
-    from core.sampling import load_generator
-
-    return load_generator(str(model)).generate(reqs)[0][0].astype(int)
 
 
 @pytest.mark.slow

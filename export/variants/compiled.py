@@ -42,6 +42,17 @@ def _bucketed(fn, buckets: list[int]):
     return call
 
 
+def _timestep_per_row(unet):
+    """``unet(x, t, emb)`` given the request loop's 0-dim ``t`` (one timestep for every row) as one timestep
+    per row, the step engine's form: both then run the same compiled graph per bucket instead of one each
+    (a UNet broadcasts a 0-dim timestep to those same values, so the images are unchanged)."""
+    def call(x, t, *rest):
+        if torch.is_tensor(t) and t.dim() == 0:
+            t = t.reshape(1).repeat(x.shape[0])
+        return unet(x, t, *rest)
+    return call
+
+
 class _Patched(torch.nn.Module):
     """``module`` called with Inductor's config patched by ``options``: compiling is lazy (at the first call
     of each shape), and ``torch.compile(options=)`` does not carry every setting (freezing) into it."""
@@ -64,7 +75,7 @@ def _compile(gen, options: dict | None = None) -> None:
         be.unet_model = _Patched(be.unet_model, options)
     be.vae.decode = torch.compile(be.vae.decode, dynamic=False)
     be.row_buckets = ROW_BUCKETS  # what serving warms up (service.py)
-    be.unet, be.decode = _bucketed(be.unet, ROW_BUCKETS), _bucketed(be.decode, ROW_BUCKETS)
+    be.unet, be.decode = _timestep_per_row(_bucketed(be.unet, ROW_BUCKETS)), _bucketed(be.decode, ROW_BUCKETS)
     # one graph per bucket (and image size): dynamo's default limit of 8 would fall back to eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(ROW_BUCKETS))
 
@@ -81,8 +92,7 @@ def warm_up(gen, batch_sizes: list[int], steps: int = 2, max_rows: int = 0) -> f
         for b in (b for b in ROW_BUCKETS if b <= max_rows):
             lat = torch.zeros(b, gen.latent_channels, side, side)
             embs = emb.repeat(b, 1, 1)  # contiguous, as the engine's batches are (strides are guarded too)
-            gen.backend.unet(lat, torch.full((b,), 500, dtype=torch.long), embs)  # the step engine's form
-            gen.backend.unet(lat, torch.tensor(500), embs)  # the request loop's: one timestep for all
+            gen.backend.unet(lat, torch.full((b,), 500, dtype=torch.long), embs)  # the request loop's too
             gen.backend.decode(lat)
     return time.perf_counter() - t0
 
