@@ -17,11 +17,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # the workers share the cores (and so do the processes they start)
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ["OMP_NUM_THREADS"] = str(_threads)
-    torch.set_num_threads(_threads)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    # the workers share the cores, and so do the torch processes they start (the env var reaches those)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,10 +34,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _longest_first(items) -> None:
-    """The suite runs on two pytest-xdist workers, a file on one worker (addopts: ``-n 2 --dist loadfile``),
-    so a file's module and session fixtures are built once. test_export.py goes first: its every-variant
-    export makes it the longest file (about a third of the suite's work), and started last it would
-    leave the other worker idle at the end."""
+    """The suite runs on two pytest-xdist workers, a file on one worker (addopts: ``-n 2 --dist loadfile
+    --no-loadscope-reorder``), so a module fixture is built once (a session fixture once per worker).
+    test_export.py goes first: its every-variant export makes it the longest file (about a third of the
+    suite's work), and started last it would leave the other worker idle at the end."""
     items.sort(key=lambda item: item.module.__name__ != "tests.test_export")
 
 

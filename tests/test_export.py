@@ -1,5 +1,5 @@
-"""Export: the shared sampling loop, every CPU variant through disk into a fresh process, the
-manifest, the selection and bad input."""
+"""Export, on one export of every CPU variant (``exported``): each through disk into a fresh process,
+step batching per backend, the manifest, the selection, memory, and artifacts loaded as data."""
 import subprocess
 import sys
 import time

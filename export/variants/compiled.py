@@ -43,12 +43,13 @@ def _bucketed(fn, buckets: list[int]):
 
 
 def _timestep_per_row(unet):
-    """``unet(x, t, emb)`` given the request loop's 0-dim ``t`` (one timestep for every row) as one timestep
-    per row, the step engine's form: both then run the same compiled graph per bucket instead of one each
-    (a UNet broadcasts a 0-dim timestep to those same values, so the images are unchanged)."""
+    """``unet(x, t, emb)`` given one float32 timestep per row, whether the caller passes one for every row
+    (the request loop: 0-dim) or one per row (the step engine: long), and whatever the scheduler's dtype:
+    each bucket then runs one compiled graph instead of one per form. The images are unchanged: a UNet
+    broadcasts a 0-dim timestep to those values and embeds timesteps as float32."""
     def call(x, t, *rest):
-        if torch.is_tensor(t) and t.dim() == 0:
-            t = t.reshape(1).repeat(x.shape[0])
+        if torch.is_tensor(t):
+            t = (t.reshape(1).repeat(x.shape[0]) if t.dim() == 0 else t).to(torch.float32)
         return unet(x, t, *rest)
     return call
 
