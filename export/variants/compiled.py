@@ -42,15 +42,19 @@ def _bucketed(fn, buckets: list[int]):
     return call
 
 
+def per_row_timestep(timestep: torch.Tensor, rows: int) -> torch.Tensor:
+    """One float32 timestep per row (the sampler passes one for all, or one per row; float keeps
+    schedulers with fractional timesteps exact, and the UNet embeds integers as floats anyway)."""
+    t = timestep.reshape(-1).to(torch.float32)
+    return (t.expand(rows) if t.numel() == 1 else t).contiguous()
+
+
 def _timestep_per_row(unet):
-    """``unet(x, t, emb)`` given one float32 timestep per row, whether the caller passes one for every row
-    (the request loop: 0-dim) or one per row (the step engine: long), and whatever the scheduler's dtype:
-    each bucket then runs one compiled graph instead of one per form. The images are unchanged: a UNet
-    broadcasts a 0-dim timestep to those values and embeds timesteps as float32."""
+    """``unet(x, t, emb)`` given ``per_row_timestep(t)``, whether the caller passes one timestep for every
+    row (the request loop) or one per row (the step engine): each bucket then runs one compiled graph
+    instead of one per form, and the images are unchanged."""
     def call(x, t, *rest):
-        if torch.is_tensor(t):
-            t = (t.reshape(1).repeat(x.shape[0]) if t.dim() == 0 else t).to(torch.float32)
-        return unet(x, t, *rest)
+        return unet(x, per_row_timestep(t, x.shape[0]) if torch.is_tensor(t) else t, *rest)
     return call
 
 

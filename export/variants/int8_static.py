@@ -27,18 +27,12 @@ import torch
 from core.errors import UserError
 from core.io import read_safetensors, write_safetensors
 from core.sampling import GenerationRequest
+from export.variants.compiled import per_row_timestep
 
 CALIBRATION = "calibration.safetensors"
 CALIBRATION_STEPS = 6  # UNet calls observed per calibration generation, evenly over the steps
 CALIBRATION_SEED = 10_000  # calibration image i uses this + i; the gate's seeds start at the export's seed
 OBSERVER = "activation_post_process_"  # how prepare_pt2e names its observers
-
-
-def _per_row(timestep: torch.Tensor, rows: int) -> torch.Tensor:
-    """One float32 timestep per row (the sampler passes one for all, or one per row; float keeps
-    schedulers with fractional timesteps exact, and the UNet embeds integers as floats anyway)."""
-    t = timestep.reshape(-1).to(torch.float32)
-    return (t.expand(rows) if t.numel() == 1 else t).contiguous()
 
 
 def _chunked(fn, sample, t, emb, rows: int):
@@ -60,7 +54,7 @@ class _Quantized(torch.nn.Module):
         self.graph, self.config, self.dtype = graph, config, torch.float32
 
     def forward(self, sample, timestep, encoder_hidden_states, return_dict=False):
-        t = _per_row(timestep, sample.shape[0])
+        t = per_row_timestep(timestep, sample.shape[0])
         return (_chunked(self.graph, sample, t, encoder_hidden_states, self.MAX_ROWS),)
 
 
@@ -71,7 +65,7 @@ def _record(gen, prompts: list[str], steps: int, guidance: float) -> list[tuple]
     unet = gen.backend.unet_model
 
     def recording(sample, timestep, emb, **kw):
-        calls.append((sample.clone(), _per_row(timestep, sample.shape[0]), emb.clone()))
+        calls.append((sample.clone(), per_row_timestep(timestep, sample.shape[0]), emb.clone()))
         return unet(sample, timestep, emb, **kw)
 
     gen.backend.unet_model = recording
