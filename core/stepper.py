@@ -228,7 +228,7 @@ class StepEngine:
                 t = s.timesteps[s.step]
                 lat = torch.cat([s.latents, s.latents]) if s.guided_now else s.latents
                 ins.append(s.sched.scale_model_input(lat, t))
-                ts.append(torch.full((lat.shape[0],), int(t), dtype=torch.long))
+                ts.append(t.reshape(1).expand(lat.shape[0]))  # the scheduler's dtype: Euler's are fractional
                 embs.append(s.emb if s.guided_now or not s.guided else s.emb[len(s.latents):])
             x, t_rows, emb = torch.cat(ins), torch.cat(ts), torch.cat(embs)
             rows = x.shape[0]  # (a backend compiled for fixed shapes pads to its own buckets)

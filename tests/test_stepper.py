@@ -46,6 +46,37 @@ def test_mixed_steps_guidance_and_negatives_match_alone(gen):
     assert engine.stats["steps"] == 30 and engine.stats["finished"] == 3  # 30 steps: the longest request's
 
 
+def test_a_scheduler_with_fractional_timesteps_gets_them_exactly(gen):
+    """Euler's timesteps are fractional: each row gets its step's exact timestep, as it does alone."""
+    import copy
+
+    euler = copy.copy(gen)
+    euler.scheduler_config = {**gen.scheduler_config, "_class_name": "EulerDiscreteScheduler",
+                              "timestep_spacing": "linspace"}
+    sched = euler.new_scheduler()
+    sched.set_timesteps(7)
+    assert (sched.timesteps != sched.timesteps.round()).any()  # the case the test is about
+    seen, unet = [], gen.backend.unet
+
+    class Recording:  # the same backend, recording the timesteps the engine passes
+        def __getattr__(self, name):
+            return getattr(gen.backend, name)
+
+        def unet(self, x, t, emb):
+            seen.append(torch.as_tensor(t).reshape(-1).clone())
+            return unet(x, t, emb)
+
+    euler.backend = Recording()
+    assert_same_as_alone(euler, [GenerationRequest("a red circle", num_inference_steps=7, seed=1, request_id="a"),
+                                 GenerationRequest("a blue square", num_inference_steps=7, seed=2, request_id="b")],
+                         tol=0)
+    alone, batched = seen[:14], seen[14:]
+    assert len(batched) == 7 and all(len(t) == 4 for t in batched)  # two guided requests per UNet call
+    for i, t in enumerate(sched.timesteps):
+        assert torch.equal(alone[i].float(), t.reshape(1).float())
+        assert torch.equal(batched[i].float(), t.repeat(4).float()), (i, batched[i], t)
+
+
 def test_requests_join_between_steps(gen):
     """A request submitted while another runs joins at a step boundary instead of waiting for it to end."""
     engine = StepEngine(gen, max_rows=16)
