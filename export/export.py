@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from core.errors import UserError
 from core.io import atomic_dir
+from export import reuse
 from export.common import dir_size_mb, latency_stats
 from export.config import ExportConfig
 from export.manifest import (Bench, Budget, ExportManifest, Hardware, Latency, LoadHint, Plan, Quality,
@@ -73,7 +74,8 @@ def setup(cfg: ExportConfig) -> dict:
     if device not in ("cpu", "cuda"):
         raise UserError(f"device {device} must be cpu or cuda")
     out = Path(cfg.out)
-    if out.exists() and not (out / "export.json").exists() and any(out.iterdir()):
+    if out.exists() and not (out / "export.json").exists() and any(out.iterdir()) and not any(
+            (d / reuse.BUILD_FILE).is_file() for d in out.iterdir()):  # (variant folders: an interrupted export)
         raise UserError(f"{out} exists and is not an export dir; choose another --out")
     names = [BASELINE] + [n for n in cfg.variants if n != BASELINE]
     # approximate variants after the exact ones they build on; onnx-fp32 before the ONNX variants that
@@ -114,24 +116,42 @@ def build_variants(state: dict, cfg: ExportConfig) -> dict[str, VariantEntry]:
     ctx = {"batch_sizes": cfg.batch_sizes, "built": {}, "notes": {},  # approximate variants reuse a built base
            "steps": cfg.steps, "guidance": cfg.guidance}
     ctx["calibration_prompts"], ctx["calibration_overlap"] = calibration_prompts(state, cfg)
-    for name in tqdm(state["names"], desc="building variants", unit="variant"):
+    ctx["keys"], common = {}, reuse.common_inputs(state["model"], state["device"])
+    bar = tqdm(state["names"], desc="building variants", unit="variant")
+    for name in bar:
         variant = get(name)
         reason = variant.unsupported(state["device"])
         if reason:
             entries[name] = VariantEntry(status="skipped", reason=reason)
             continue
         final = state["out"] / name
+        made_from = reuse.made_from(common, name, ctx)
+        key = reuse.key_of(made_from)
+        kept, why = reuse.reusable(final, made_from)
+        if kept is not None and cfg.rebuild:
+            kept, why = None, "rebuild=true"
+        if why:
+            bar.write(f"{name}: building it again ({why})")
+        if kept is not None:  # built by an earlier export into this dir from the same inputs, unchanged since
+            bar.write(f"{name}: kept from the export of {kept['built']} (same model, settings and code)")
+            ctx["built"][name], ctx["notes"][name], ctx["keys"][name] = final, kept["notes"], key
+            entries[name] = VariantEntry(
+                status="ok", dir=name, build_s=kept["build_s"], size_mb=dir_size_mb(final), reused=True,
+                tolerance_px=variant.TOLERANCE, notes=kept["notes"],
+                load=LoadHint(registry=name, call=f"export.loader.load(EXPORT_DIR, '{name}')"))
+            continue
         t0 = time.perf_counter()
         try:
             with atomic_dir(final) as tmp:
                 notes = variant.build(state["model"], tmp, state["device"], ctx)
+                reuse.record(tmp, made_from, round(time.perf_counter() - t0, 1), notes)
         except UserError as e:
             entries[name] = VariantEntry(status="failed", reason=str(e))
             continue
         except Exception as e:  # a backend that breaks on this model/hardware: report, don't crash
             entries[name] = VariantEntry(status="failed", reason=f"{type(e).__name__}: {str(e)[:300]}")
             continue
-        ctx["built"][name], ctx["notes"][name] = final, notes
+        ctx["built"][name], ctx["notes"][name], ctx["keys"][name] = final, notes, key
         entries[name] = VariantEntry(
             status="ok", dir=name, build_s=round(time.perf_counter() - t0, 1), size_mb=dir_size_mb(final),
             tolerance_px=variant.TOLERANCE, notes=notes,
@@ -411,6 +431,7 @@ def save(state: dict, cfg: ExportConfig, entries: dict[str, VariantEntry], selec
     write_bench_md(manifest, out / "bench.md")
     write_manifest(out / "export.json", manifest)
     shutil.rmtree(out / ".bench", ignore_errors=True)
+    reuse.remove_stale(out, {e.dir for e in entries.values() if e.dir})
     return manifest
 
 

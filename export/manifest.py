@@ -194,6 +194,9 @@ class VariantEntry(_OmitNone):
     """Its folder, relative to the export dir (required when ok; never absolute or with '..')."""
     build_s: float | None = None
     """Seconds to build it (once built)."""
+    reused: bool | None = None
+    """True when its folder was kept from an earlier export into this dir: built from the same model,
+    settings, code and library versions, and unchanged since (see build.json; rebuild=true turns it off)."""
     size_mb: float | None = None
     """Size of its folder, MiB (once built)."""
     tolerance_px: float | None = None

@@ -108,7 +108,8 @@ class Pipeline:
         from export.export import main as export_main
 
         cfg = self.export_config()
-        shutil.rmtree(self.out / "export", ignore_errors=True)  # variants of a killed run are not trusted
+        # a variant folder of an earlier or killed run is kept only if its build.json says it was made from
+        # the same model and settings, complete and unchanged since (export.reuse)
         manifest = export_main(cfg)
         return f"selected {manifest.selected} ({manifest.selection_reason})"
 
@@ -191,7 +192,8 @@ class Pipeline:
                     continue
                 elif why is not None and (self.paths[stage].exists() or _begun(stage, self.out)):
                     print(f"{header}: making it again: {why}", flush=True)
-                    _clear(stage, self.out)
+                    if stage != "export":  # export keeps the variant folders its inputs still make (export.reuse)
+                        _clear(stage, self.out)
                 # else: begun with this config and interrupted: go on (training resumes from its checkpoint)
             print(f"\n{'=' * 20} {header} {'=' * 20}  (pipeline elapsed {_hms(time.time() - t_start)})", flush=True)
             self._record(stage, status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -173,3 +173,63 @@ def load_generator_images(model, reqs):
     from core.sampling import load_generator
 
     return load_generator(str(model)).generate(reqs)[0][0].astype(int)
+
+
+def test_an_export_into_the_same_dir_keeps_unchanged_folders_and_rebuilds_the_rest(micro_model, tmp_path, capsys):
+    """A variant folder is kept when the build it records is the one the export would make now and its
+    files are unchanged; a changed file, a stray file, a setting its build reads or rebuild=true builds
+    it again. Folders the new export does not list go; an interrupted export's dir is an export dir."""
+    import json
+
+    from core.errors import UserError
+    from export import reuse
+    from export.config import ExportConfig
+    from export.export import build_variants, setup
+
+    out = tmp_path / "export"
+    cfg = ExportConfig(model=str(micro_model), out=str(out), variants=["eager-fp32", "eager-bf16"], num_images=8,
+                       steps=2, batch_sizes=[1])
+
+    def build(c=cfg, why=None):
+        capsys.readouterr()
+        entries = build_variants(setup(c), c)
+        if why is not None:  # each folder that is built again says why
+            rebuilt = sum(not e.reused for e in entries.values())
+            assert capsys.readouterr().out.count(f"building it again ({why})") == rebuilt, why
+        for n, e in entries.items():  # every folder's record lists exactly its files
+            assert reuse.file_hashes(out / n) == json.loads((out / n / reuse.BUILD_FILE).read_text())["files"]
+        return {n: bool(e.reused) for n, e in entries.items()}
+
+    out.mkdir()
+    assert build() == {"eager-fp32": False, "eager-bf16": False}
+    assert build() == {"eager-fp32": True, "eager-bf16": True}
+    assert build(cfg.model_copy(update={"seed": 5, "num_images": 16})) == {"eager-fp32": True, "eager-bf16": True}
+    weights = next((out / "eager-bf16" / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # one byte changed
+    (out / "eager-fp32" / "notes.txt").write_text("a user's file")
+    assert build(why="its files changed since it was built") == {"eager-fp32": False, "eager-bf16": False}
+    assert not (out / "eager-fp32" / "notes.txt").exists()
+    changed = cfg.model_copy(update={"batch_sizes": [1, 2]})
+    assert build(changed, "changed since: settings its build reads") == {"eager-fp32": False, "eager-bf16": False}
+    assert build(changed.model_copy(update={"rebuild": True}), "rebuild=true") == {"eager-fp32": False,
+                                                                                    "eager-bf16": False}
+    (out / "eager-bf16" / reuse.BUILD_FILE).write_text("{not json")
+    assert build(changed, f"its {reuse.BUILD_FILE} is unreadable") == {"eager-fp32": True, "eager-bf16": False}
+    # int8-static calibrates on prompts drawn with the gate's seed; a conversion depends on its source
+    common = reuse.common_inputs(micro_model, "cpu")
+    ctx = {"batch_sizes": [1], "calibration_prompts": ["a red circle"], "steps": 4, "guidance": 5.0,
+           "keys": {"onnx-fp32": "a"}}
+    other = {**ctx, "calibration_prompts": ["a blue square"], "keys": {"onnx-fp32": "b"}}
+    for name, same in (("eager-fp32", True), ("onnx-fp32", True), ("int8-static", False), ("onnx-int8", False),
+                       ("onnx-int8+trunc0.5", False), ("eager-fp32+cache2", True)):
+        assert (reuse.made_from(common, name, ctx) == reuse.made_from(common, name, other)) == same, name
+    assert reuse.common_inputs(micro_model, "cpu") != reuse.common_inputs(micro_model, "cuda")
+
+    (out / "mine").mkdir()  # not a variant folder: left alone
+    assert reuse.remove_stale(out, {"eager-fp32"}) == ["eager-bf16"] and (out / "mine").is_dir()
+    assert not (out / "export.json").exists()
+    setup(cfg)  # variant folders without a manifest: an interrupted export, resumed
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine").mkdir()
+    with pytest.raises(UserError, match="not an export dir"):
+        setup(cfg.model_copy(update={"out": str(tmp_path / "other")}))

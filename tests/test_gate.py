@@ -221,13 +221,17 @@ def test_close_contenders_are_re_timed_in_alternating_processes_and_pooled(tmp_p
 @pytest.mark.slow
 def test_the_same_model_exported_with_other_benchmark_seeds_selects_the_same_variant(micro_model, tmp_path):
     """Prompts, seeds and timing all change with the benchmark seed; the gate's intervals, the re-timing
-    rounds and the latency tie rule keep the choice where it was."""
+    rounds and the latency tie rule keep the choice where it was. The second export goes into the first's
+    dir, as a user re-gating a model would: it keeps the variant folders (their build reads no gate
+    setting) and measures them afresh."""
+    import json
+
+    from export import reuse
     from export.manifest import read_manifest
     from tests.conftest import run_cli
 
-    chosen = []
+    chosen, out = [], tmp_path / "export"
     for seed in (0, 1):
-        out = tmp_path / f"seed{seed}"
         # every candidate re-timed (the default re-times those within 50% of the fastest)
         res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32,eager-bf16,onnx-fp32",
                       "--num-images", "16", "--repeats", "5", "--batch-sizes", "1", "--steps", "4",
@@ -245,6 +249,10 @@ def test_the_same_model_exported_with_other_benchmark_seeds_selects_the_same_var
             assert lat.min_s == min(lat.repeats_s) and lat.min_s <= lat.median_s <= lat.p95_s
         assert "over 3 processes" in m.selection_reason
         assert "Re-timed at batch 1 in alternating processes" in (out / "bench.md").read_text()
+        assert all(bool(e.reused) == bool(seed) for e in m.measured().values()), seed
+        for n in m.measured():  # the benchmark processes leave the folders as they were built
+            assert reuse.file_hashes(out / n) == json.loads((out / n / reuse.BUILD_FILE).read_text())["files"]
+        assert ("eager-fp32: kept from the export of" in res.stdout) == bool(seed)
     assert chosen[0] is not None and chosen[0] == chosen[1], chosen
 
 

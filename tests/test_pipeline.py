@@ -90,6 +90,9 @@ def test_rerun_with_a_changed_config_makes_that_stage_again_and_says_why(first_r
     assert "[3/5] export: making it again: its config changed: export.steps: 2 -> 3" in res.stdout
     assert "[4/5] bento: making it again: export, which it reads, was made again" in res.stdout
     assert read_manifest(run / "export").plan.steps == 3
+    # the variants' builds read no sampling setting: their folders are kept and benchmarked afresh
+    assert all(e.reused for e in read_manifest(run / "export").measured().values())
+    assert "eager-fp32: kept from the export of" in res.stdout
     (run / "pipeline.json").write_text('{"stages": ')
     bad = run_cli("pipeline", str(cfg), "--out", str(run), env=env)
     assert bad.returncode == 2 and "pipeline.json is corrupt" in bad.stderr and "Traceback" not in bad.stderr
