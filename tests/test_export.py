@@ -33,6 +33,20 @@ def exported(micro_model, tmp_path_factory):
     return out, read_manifest(out)
 
 
+@pytest.fixture(scope="module")
+def int8_static(exported):
+    """int8-static loaded as serving loads it, with the counts of Inductor's pattern passes while it
+    compiled (its compile takes most of a minute, so the tests that need one share it)."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with inductor_config.patch(fx_graph_cache=False):  # the pattern passes run, not a cached graph
+        gen = load(exported[0], "int8-static", trusted=True)
+        gen.generate([GenerationRequest("a red circle", num_inference_steps=2, guidance_scale=1.0, seed=0)])
+    return gen, dict(counters["inductor"])
+
+
 @pytest.mark.slow
 def test_export_output_carries_no_library_chatter(exported):
     """ONNX export, quantization and weight loading print nothing a user cannot act on."""
@@ -62,7 +76,7 @@ def test_every_cpu_variant_round_trips_within_tolerance(exported):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["eager-fp32", "onnx-fp32", "onnx-int8", "int8-static"] + APPROX_VARIANTS)
-def test_step_batching_matches_alone_for_each_backend(exported, name):
+def test_step_batching_matches_alone_for_each_backend(exported, name, request):
     """Step batching through each backend (ONNX takes one timestep per sample; compile gets padded
     row buckets): a request in a mixed running set gets the image it gets alone."""
     from tests.test_stepper import MIXED, assert_same_as_alone
@@ -73,9 +87,9 @@ def test_step_batching_matches_alone_for_each_backend(exported, name):
     if name == "int8-static":
         reqs, max_rows = [MIXED[0], GenerationRequest("a blue square", num_inference_steps=20, guidance_scale=1.0,
                                                       seed=2, request_id="b")], 2
+    gen = request.getfixturevalue("int8_static")[0] if name == "int8-static" else load(exported[0], name, trusted=True)
     # dynamic int8 takes its activation scale from the whole batch: company moves it by a level or two
-    assert_same_as_alone(load(exported[0], name, trusted=True), reqs, max_rows=max_rows,
-                         tol=3 if name.startswith("onnx-int8") else 1)
+    assert_same_as_alone(gen, reqs, max_rows=max_rows, tol=3 if name.startswith("onnx-int8") else 1)
 
 
 @pytest.mark.slow
@@ -204,21 +218,17 @@ def test_variants_load_as_data_without_unpickling(exported, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_int8_static_quantizes_the_unet_from_its_own_calibration_data(exported, tmp_path, monkeypatch):
+def test_int8_static_quantizes_the_unet_from_its_own_calibration_data(exported, int8_static, tmp_path, monkeypatch):
     """int8-static's folder is eager-fp32's safetensors plus its observers' statistics, gathered while the
     model drew prompts other than the gate's; loading quantizes every convolution and linear layer from
     them without a forward pass, Inductor lowers them to oneDNN's int8 kernels, a batch over MAX_ROWS
     runs in pieces, and a folder whose statistics are missing or do not fit is one clear error."""
     import shutil
 
-    import torch._inductor.config as inductor_config
-    from torch._dynamo.utils import counters
-
     from core.io import read_safetensors, write_safetensors
     from export.config import ExportConfig
     from export.export import plan_for
     from export.variants import REGISTRY
-    from export.variants.compiled import _compile
     from export.variants.int8_static import (CALIBRATION, OBSERVER, StaticInt8Base, _Quantized, _record,
                                              calibrate)
 
@@ -253,12 +263,8 @@ def test_int8_static_quantizes_the_unet_from_its_own_calibration_data(exported, 
     assert (q(x[:1], t[:1].reshape(()), emb[:1])[0] - whole[:1]).abs().mean() < 1e-3  # a scalar timestep
     monkeypatch.undo()
 
-    counters.clear()
-    with inductor_config.patch(fx_graph_cache=False):  # the pattern passes run, not a cached graph
-        _compile(gen, StaticInt8Base.INDUCTOR_OPTIONS)
-        gen.generate([GenerationRequest("a red circle", num_inference_steps=2, seed=0)])
-    assert counters["inductor"]["qconv_weight_prepack_matcher_count"] > 0
-    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] > 0
+    passes = int8_static[1]  # counted while the loaded variant compiled
+    assert passes["qconv_weight_prepack_matcher_count"] > 0 and passes["qlinear_weight_prepack_matcher_count"] > 0
 
     bad = tmp_path / "bad"
     shutil.copytree(out / "int8-static", bad)
