@@ -57,9 +57,9 @@ class ExportConfig(Strict):
     """FID feature extractor: auto, inception or domain."""
     rebuild: bool = False
     """Build every variant afresh. By default an export into a dir that holds an earlier export keeps each
-    variant folder built from the same model, settings its build reads, code and library versions whose
-    files are unchanged (build.json records them), so a new gate re-benchmarks without rebuilding and an
-    interrupted export resumes."""
+    variant folder built from the same model, settings its build reads, code, library versions and device
+    whose files are unchanged (build.json records them), so a new gate re-benchmarks without rebuilding and
+    an interrupted export resumes; the variant folders the new export does not list are removed."""
     select: str | None = None
     """Force this variant as the selected one (it must have been built)."""
     device: Literal["cpu", "cuda"] | None = None

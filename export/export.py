@@ -74,9 +74,11 @@ def setup(cfg: ExportConfig) -> dict:
     if device not in ("cpu", "cuda"):
         raise UserError(f"device {device} must be cpu or cuda")
     out = Path(cfg.out)
-    if out.exists() and not (out / "export.json").exists() and any(out.iterdir()) and not any(
-            (d / reuse.BUILD_FILE).is_file() for d in out.iterdir()):  # (variant folders: an interrupted export)
-        raise UserError(f"{out} exists and is not an export dir; choose another --out")
+    if out.exists() and not (out / "export.json").exists():
+        # an interrupted export leaves variant folders (with build.json) and maybe a half-built one's .tmp
+        found = [d for d in out.iterdir() if d.name != ".bench" and not d.name.endswith((".tmp", ".old"))]
+        if found and not any((d / reuse.BUILD_FILE).is_file() for d in found):
+            raise UserError(f"{out} exists and is not an export dir; choose another --out")
     names = [BASELINE] + [n for n in cfg.variants if n != BASELINE]
     # approximate variants after the exact ones they build on; onnx-fp32 before the ONNX variants that
     # convert its checked export
@@ -171,6 +173,7 @@ def bench_variants(state: dict, cfg: ExportConfig, entries: dict[str, VariantEnt
         why = _bench_worker(state, cfg, name, res, str(npy))
         if why:  # a hung or broken backend must not hang or crash the export
             e.reason, e.status = f"benchmark {why}", "failed"  # a failed entry must carry its reason
+            (state["out"] / name / reuse.BUILD_FILE).unlink(missing_ok=True)  # the next export builds it afresh
             continue
         e.bench = Bench.model_validate_json(res.read_text())
         images[name] = np.load(npy)
@@ -439,6 +442,8 @@ def main(cfg: ExportConfig) -> ExportManifest:
     state = setup(cfg)
     plan, items = plan_for(cfg, state["captions"])
     state["out"].mkdir(parents=True, exist_ok=True)
+    for f in ("export.json", "bench.md", "bench.png"):  # an earlier export's: its folders are about to change
+        (state["out"] / f).unlink(missing_ok=True)
     entries = build_variants(state, cfg)
     images = bench_variants(state, cfg, entries, plan)
     if BASELINE not in images:

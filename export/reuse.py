@@ -22,8 +22,8 @@ from core.io import sha256_file, write_json
 from export import trust
 
 BUILD_FILE = "build.json"
-LIBRARIES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "torchao",
-             "bitsandbytes", "t2i-sprint")
+LIBRARIES = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "torchao",
+             "bitsandbytes", "triton", "t2i-sprint")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,6 +49,10 @@ def common_inputs(model_dir: Path, device: str) -> dict:
             versions[lib] = None
     code = {p.relative_to(ROOT).as_posix(): sha256_file(p)
             for pkg in ("core", "export") for p in sorted((ROOT / pkg).rglob("*.py"))}
+    if device == "cuda":  # kernels and compiled code are made for one GPU
+        import torch
+
+        device = f"cuda: {torch.cuda.get_device_name()} (sm {'.'.join(map(str, torch.cuda.get_device_capability()))})"
     return {"model": _hash_json(file_hashes(model_dir)), "device": device, "code": _hash_json(code),
             "versions": versions}
 
@@ -60,7 +64,8 @@ def build_inputs(name: str, ctx: dict) -> dict:
     other ONNX precisions)."""
     inputs: dict = {"batch_sizes": ctx["batch_sizes"]}
     if "int8-static" in name:
-        inputs.update(calibration=ctx["calibration_prompts"], steps=ctx["steps"], guidance=ctx["guidance"])
+        inputs.update(calibration=ctx["calibration_prompts"], overlap=ctx.get("calibration_overlap"),
+                      steps=ctx["steps"], guidance=ctx["guidance"])
     base = name.split("+")[0]
     sources = {base} if base != name else set()
     if name.startswith("onnx-") and base != "onnx-fp32":
@@ -113,11 +118,22 @@ def reusable(folder: Path, inputs: dict) -> tuple[dict | None, str | None]:
         return None, f"its {BUILD_FILE} is unreadable"
 
 
+def _is_variant_name(name: str) -> bool:
+    from export.variants import get
+
+    try:
+        get(name)
+        return True
+    except UserError:
+        return False
+
+
 def remove_stale(out: Path, keep: set[str]) -> list[str]:
-    """Removes the variant folders (those with a ``build.json``) of an earlier export into ``out`` that
-    the new manifest does not list; nothing else in ``out`` is touched. Their names."""
-    gone = [d.name for d in sorted(Path(out).iterdir())
-            if d.is_dir() and d.name not in keep and (d / BUILD_FILE).is_file()]
+    """Removes the variant folders of an earlier export into ``out`` (named as a variant, with a
+    ``build.json``) that the new manifest does not list; nothing else in ``out`` is touched (a copy
+    such as ``onnx-int8.bak`` stays). Their names."""
+    gone = [d.name for d in sorted(Path(out).iterdir()) if d.is_dir() and d.name not in keep
+            and (d / BUILD_FILE).is_file() and _is_variant_name(d.name)]
     for name in gone:
         shutil.rmtree(Path(out) / name, ignore_errors=True)
     return gone

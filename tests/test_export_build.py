@@ -175,7 +175,8 @@ def load_generator_images(model, reqs):
     return load_generator(str(model)).generate(reqs)[0][0].astype(int)
 
 
-def test_an_export_into_the_same_dir_keeps_unchanged_folders_and_rebuilds_the_rest(micro_model, tmp_path, capsys):
+def test_an_export_into_the_same_dir_keeps_unchanged_folders_and_rebuilds_the_rest(micro_model, tmp_path, capsys,
+                                                                                   monkeypatch):
     """A variant folder is kept when the build it records is the one the export would make now and its
     files are unchanged; a changed file, a stray file, a setting its build reads or rebuild=true builds
     it again. Folders the new export does not list go; an interrupted export's dir is an export dir."""
@@ -215,6 +216,28 @@ def test_an_export_into_the_same_dir_keeps_unchanged_folders_and_rebuilds_the_re
                                                                                     "eager-bf16": False}
     (out / "eager-bf16" / reuse.BUILD_FILE).write_text("{not json")
     assert build(changed, f"its {reuse.BUILD_FILE} is unreadable") == {"eager-fp32": True, "eager-bf16": False}
+    # the model is its files wherever they are; one byte changed is another model
+    import shutil
+
+    copy = tmp_path / "model-copy"
+    shutil.copytree(micro_model, copy)
+    moved = changed.model_copy(update={"model": str(copy)})
+    assert build(moved) == {"eager-fp32": True, "eager-bf16": True}
+    weights = next((copy / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    assert build(moved, "changed since: the model's files") == {"eager-fp32": False, "eager-bf16": False}
+    # a folder whose shipped code (an Inductor cache) this machine did not build is built again
+    from core.io import sha256_file
+    from export import trust
+
+    code = out / "eager-bf16" / "cache.bin"
+    code.write_bytes(b"compiled code")
+    (out / "eager-bf16" / trust.CODE_MANIFEST).write_text(json.dumps(
+        {"kind": "an Inductor cache", "files": {"cache.bin": {"sha256": sha256_file(code)}}}))
+    rec = json.loads((out / "eager-bf16" / reuse.BUILD_FILE).read_text())
+    reuse.record(out / "eager-bf16", rec["made_from"], rec["build_s"], rec["notes"])  # its files, as recorded
+    assert build(moved, "the code it ships was not built on this machine") == {"eager-fp32": True,
+                                                                              "eager-bf16": False}
     # int8-static calibrates on prompts drawn with the gate's seed; a conversion depends on its source
     common = reuse.common_inputs(micro_model, "cpu")
     ctx = {"batch_sizes": [1], "calibration_prompts": ["a red circle"], "steps": 4, "guidance": 5.0,
@@ -223,12 +246,21 @@ def test_an_export_into_the_same_dir_keeps_unchanged_folders_and_rebuilds_the_re
     for name, same in (("eager-fp32", True), ("onnx-fp32", True), ("int8-static", False), ("onnx-int8", False),
                        ("onnx-int8+trunc0.5", False), ("eager-fp32+cache2", True)):
         assert (reuse.made_from(common, name, ctx) == reuse.made_from(common, name, other)) == same, name
-    assert reuse.common_inputs(micro_model, "cpu") != reuse.common_inputs(micro_model, "cuda")
+    for gpu in ("NVIDIA H100", "NVIDIA L4"):  # a GPU build is keyed by the GPU it was made for
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, gpu=gpu: gpu)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        assert reuse.common_inputs(micro_model, "cuda")["device"] == f"cuda: {gpu} (sm 9.0)"
+    monkeypatch.undo()
 
-    (out / "mine").mkdir()  # not a variant folder: left alone
-    assert reuse.remove_stale(out, {"eager-fp32"}) == ["eager-bf16"] and (out / "mine").is_dir()
+    (out / "mine").mkdir()  # not a variant folder: left alone, as is a user's copy of one
+    shutil.copytree(out / "eager-bf16", out / "eager-bf16.bak")
+    assert reuse.remove_stale(out, {"eager-fp32"}) == ["eager-bf16"]
+    assert (out / "mine").is_dir() and (out / "eager-bf16.bak").is_dir()
     assert not (out / "export.json").exists()
     setup(cfg)  # variant folders without a manifest: an interrupted export, resumed
+    killed = tmp_path / "killed"  # killed while building its first variant
+    (killed / "eager-fp32.tmp").mkdir(parents=True)
+    setup(cfg.model_copy(update={"out": str(killed)}))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "mine").mkdir()
     with pytest.raises(UserError, match="not an export dir"):
