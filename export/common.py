@@ -1,10 +1,11 @@
-"""What the variant modules share: reading a model dir's non-network parts, and the Generator
-over torch modules."""
+"""What the variant modules share: reading a model dir's non-network parts, the Generator
+over torch modules; and the benchmark's yardsticks (latency statistics, UNet FLOPs, matmul peak)."""
 from __future__ import annotations
 
 import json
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 from core.errors import UserError
@@ -91,3 +92,34 @@ def latency_stats(per_image: list[float], unet_step_ms: float, processes: int = 
         "repeats_s": [round(t, 4) for t in per_image],
         "processes": processes,
     }
+
+
+def unet_flops(model_dir: Path, batch: int = 2) -> float:
+    """FLOPs of one UNet call at the guided batch size (torch's FlopCounterMode)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    te, unet, _ = load_torch_parts(model_dir)
+    s = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, s, s)
+    emb = torch.randn(batch, te.config.max_position_embeddings, te.config.hidden_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        unet(x, torch.tensor(500), emb)
+    return float(fc.get_total_flops())
+
+
+def matmul_peak_gflops(n: int = 1024, dtype=None, device: str = "cpu") -> float:
+    """fp32 (or ``dtype``) matmul throughput on ``device``: the yardstick of each variant's UNet GFLOP/s."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    t0 = time.perf_counter()
+    reps = 10 if device == "cpu" else 100
+    for _ in range(reps):
+        a @ b
+    sync()
+    return round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9, 1)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from core.errors import UserError
 from core.io import atomic_dir
 from export import reuse
-from export.common import dir_size_mb, latency_stats
+from export.common import dir_size_mb, latency_stats, matmul_peak_gflops, unet_flops
 from export.config import ExportConfig
 from export.manifest import (Bench, Budget, ExportManifest, Hardware, Latency, LoadHint, Plan, Quality,
                              VariantEntry, write_manifest)
@@ -381,39 +381,6 @@ def in_budget(q, cfg: ExportConfig) -> bool:
         return fid_ok
     drop_hi = (q.adherence_drop_ci or [q.adherence_drop] * 2)[1]
     return fid_ok and max(drop_hi, q.adherence_drop) <= cfg.max_adherence_drop
-
-
-def unet_flops(model_dir: Path, batch: int = 2) -> float:
-    """FLOPs of one UNet call at the guided batch size (torch's FlopCounterMode)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from export.common import load_torch_parts
-
-    te, unet, _ = load_torch_parts(model_dir)
-    s = unet.config.sample_size
-    x = torch.randn(batch, unet.config.in_channels, s, s)
-    emb = torch.randn(batch, te.config.max_position_embeddings, te.config.hidden_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        unet(x, torch.tensor(500), emb)
-    return float(fc.get_total_flops())
-
-
-def matmul_peak_gflops(n: int = 1024, dtype=None, device: str = "cpu") -> float:
-    """fp32 (or ``dtype``) matmul throughput on ``device``: the yardstick of each variant's UNet GFLOP/s."""
-    import torch
-
-    dtype = dtype or torch.float32
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    t0 = time.perf_counter()
-    reps = 10 if device == "cpu" else 100
-    for _ in range(reps):
-        a @ b
-    sync()
-    return round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e9, 1)
 
 
 # ============================================================================ save
