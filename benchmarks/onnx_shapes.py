@@ -67,7 +67,7 @@ def feeds(name: str, batch: int, meta: dict, hidden: int) -> dict:
     sample = rng.standard_normal((batch, meta["latent_channels"], lat, lat), dtype=np.float32)
     if name == "vae_decoder":
         return {"latent_sample": sample}
-    return {"sample": sample, "timestep": np.full((batch,), 500, dtype=np.int64),
+    return {"sample": sample, "timestep": np.full((batch,), 500, dtype=np.float32),
             "encoder_hidden_states": rng.standard_normal((batch, 77, hidden), dtype=np.float32)}
 
 

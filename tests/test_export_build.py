@@ -52,6 +52,17 @@ def test_onnx_unet_matches_torch_at_native_and_double_size(micro_model, tmp_path
     assert [e[0].shape[-1] for e in examples] == [16, 32] and [e[0].shape[0] for e in examples] == [2, 1]
     _export(mod, examples[0], ins, outs, shapes, tmp_path / "unet.onnx")
     assert _check(mod, examples, tmp_path / "unet.onnx", "unet", COMPONENT_ATOL["unet"]) < 1e-4
+    # the timestep is a float input, used as a float: a fractional one (Euler, Karras sigmas) is not truncated
+    import onnx
+
+    from export.variants.onnx import _session, input_type
+
+    assert examples[1][1].tolist() == [250.5]  # _check compared torch and ONNX there
+    assert input_type(_session(tmp_path / "unet.onnx", "cpu"), "timestep") == np.float32
+    graph = onnx.load(str(tmp_path / "unet.onnx"), load_external_data=False).graph
+    ints = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+    assert not [n for n in graph.node if n.op_type == "Cast" and "timestep" in n.input
+                and any(a.name == "to" and a.i in ints for a in n.attribute)]
 
 
 def test_onnx_check_refuses_a_graph_that_does_not_take_every_size(tmp_path):

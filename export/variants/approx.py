@@ -172,14 +172,15 @@ def onnx_cached_unet_call(var_dir: Path, device: str, precision: str):
     """``unet_cached`` over an ONNX base's split graphs."""
     import numpy as np
 
-    from export.variants.onnx import _session, unet_feeds
+    from export.variants.onnx import _session, input_type, unet_feeds
 
     full = _session(Path(var_dir) / CACHE_DIR / "full.onnx", device)
     shallow = _session(Path(var_dir) / CACHE_DIR / "shallow.onnx", device)
     dt = np.float16 if precision == "fp16" else np.float32
+    t_dtype = input_type(full, "timestep")
 
     def unet_cached(latents, t, text_emb, deep=None):
-        feeds = unet_feeds(latents, t, text_emb, dt)
+        feeds = unet_feeds(latents, t, text_emb, dt, t_dtype)
         if deep is None:
             out, kept = full.run(None, feeds)
             return torch.from_numpy(out.astype(np.float32)), torch.from_numpy(kept)

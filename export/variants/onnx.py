@@ -217,7 +217,8 @@ def _parts(te, unet, vae, max_size: int, dynamic_size: bool = True) -> dict:
         return torch.randn(b, seq, width)
 
     ids = [torch.randint(0, te.config.vocab_size, (b, seq)) for b in (2, 1)]
-    unet_in = [(lat(2, s), torch.tensor([500, 500]), emb(2)), (lat(1, big), torch.tensor([250]), emb(1))]
+    # float timesteps: a scheduler's may be fractional (Euler, Karras sigmas); checked at a fractional one
+    unet_in = [(lat(2, s), torch.tensor([500.0, 500.0]), emb(2)), (lat(1, big), torch.tensor([250.5]), emb(1))]
     parts = {
         "text_encoder": (_TextEncoder(te), [(ids[0],), (ids[1],)], ["input_ids"],
                          ["last_hidden_state", "pooler_output"], {"input_ids": {0: batch}}),
@@ -239,9 +240,18 @@ def _parts(te, unet, vae, max_size: int, dynamic_size: bool = True) -> dict:
     return parts
 
 
-def unet_feeds(latents, t, text_emb, np_dtype) -> dict:
-    """The UNet graph's inputs: ``t`` is one timestep, or one per sample (step batching)."""
-    ts = np.asarray(t, dtype=np.int64).reshape(-1)
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def input_type(session, name: str):
+    """The numpy dtype a session's input ``name`` takes (exports before float timesteps take int64)."""
+    return next(ORT_TYPES[i.type] for i in session.get_inputs() if i.name == name)
+
+
+def unet_feeds(latents, t, text_emb, np_dtype, t_dtype=np.int64) -> dict:
+    """The UNet graph's inputs: ``t`` is one timestep, or one per sample (step batching), fed as the
+    graph's timestep type (float since fractional timesteps were kept; int64 in earlier exports)."""
+    ts = np.asarray(t, dtype=t_dtype).reshape(-1)
     return {"sample": latents.numpy().astype(np_dtype), "encoder_hidden_states": text_emb.numpy().astype(np_dtype),
             "timestep": np.full((latents.shape[0],), ts[0]) if ts.size == 1 else ts}
 
@@ -252,12 +262,13 @@ class OnnxBackend:
         self.un = _session(var_dir / "unet" / "model.onnx", device)
         self.dec = _session(var_dir / "vae_decoder" / "model.onnx", device)
         self.np_dtype = np.float16 if precision == "fp16" else np.float32
+        self.t_dtype = input_type(self.un, "timestep")
 
     def encode_text(self, input_ids):
         return torch.from_numpy(self.te.run(None, {"input_ids": input_ids.numpy().astype(np.int64)})[0])
 
     def unet(self, latents, t, text_emb):
-        out = self.un.run(None, unet_feeds(latents, t, text_emb, self.np_dtype))[0]
+        out = self.un.run(None, unet_feeds(latents, t, text_emb, self.np_dtype, self.t_dtype))[0]
         return torch.from_numpy(out.astype(np.float32))
 
     def decode(self, latents):
