@@ -56,7 +56,7 @@ def _unet(preset: str):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**unet_kwargs(p)).eval().requires_grad_(False)
     s = unet.config.sample_size
-    inputs = (torch.randn(2, 4, s, s), torch.tensor([500, 500]), torch.randn(2, 77, p.text_width))
+    inputs = (torch.randn(2, 4, s, s), torch.tensor([500.0, 500.0]), torch.randn(2, 77, p.text_width))
     return unet, inputs
 
 
@@ -90,7 +90,7 @@ def _onnx(unet, inputs, folder: Path, precision: str):
             _to_int8_with_convs(target)
         path = target
     sess = ox._session(path, "cpu")
-    feeds = ox.unet_feeds(inputs[0], inputs[1], inputs[2], "float32")
+    feeds = ox.unet_feeds(inputs[0], inputs[1], inputs[2], "float32", ox.input_type(sess, "timestep"))
     mb = sum(f.stat().st_size for f in path.parent.iterdir()) / 2**20
     return (lambda: sess.run(None, feeds)), round(mb, 1)
 

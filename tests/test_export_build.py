@@ -75,6 +75,12 @@ def test_onnx_check_refuses_a_graph_that_does_not_take_every_size(tmp_path):
     assert _check(conv, [(torch.randn(2, 4, 8, 8),)], tmp_path / "static.onnx", "conv", 1e-5) < 1e-5
     with pytest.raises(UserError, match=r"ONNX conv does not run on inputs \{'sample': \[1, 4, 16, 16\]\}"):
         _check(conv, [(torch.randn(2, 4, 8, 8),), (torch.randn(1, 4, 16, 16),)], tmp_path / "static.onnx", "conv", 1e-5)
+    from export.variants.onnx import _session, input_type
+
+    sess = _session(tmp_path / "static.onnx", "cpu")
+    assert input_type(sess, "sample") == np.float32
+    with pytest.raises(UserError, match="input 'timestep' is missing.*re-run `t2i export`"):
+        input_type(sess, "timestep")
 
 
 def test_generator_refuses_sizes_it_does_not_offer(micro_model):

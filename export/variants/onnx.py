@@ -245,10 +245,14 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 
 def input_type(session, name: str):
     """The numpy dtype a session's input ``name`` takes (exports before float timesteps take int64)."""
-    return next(ORT_TYPES[i.type] for i in session.get_inputs() if i.name == name)
+    types = {i.name: i.type for i in session.get_inputs()}
+    if types.get(name) not in ORT_TYPES:
+        raise UserError(f"this ONNX graph's input {name!r} is {types.get(name, 'missing')}, not one of "
+                        f"{', '.join(ORT_TYPES)}; re-run `t2i export`")
+    return ORT_TYPES[types[name]]
 
 
-def unet_feeds(latents, t, text_emb, np_dtype, t_dtype=np.int64) -> dict:
+def unet_feeds(latents, t, text_emb, np_dtype, t_dtype=np.float32) -> dict:
     """The UNet graph's inputs: ``t`` is one timestep, or one per sample (step batching), fed as the
     graph's timestep type (float since fractional timesteps were kept; int64 in earlier exports)."""
     ts = np.asarray(t, dtype=t_dtype).reshape(-1)
