@@ -70,6 +70,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def dir_digest(root: str | Path, exclude: tuple[str, ...] = ()) -> str:
+    """Content hash of every file under ``root`` (relative names, sizes and bytes), except the relative
+    paths in ``exclude``: any file added, removed, renamed or changed changes it."""
+    import hashlib
+
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        if f.relative_to(root).as_posix() in exclude:
+            continue
+        h.update(f"{f.relative_to(root)}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def read_json_file(path: str | Path, what: str = "file", remedy: str = "") -> dict:
     """A JSON object from ``path``; a missing, unreadable, non-UTF-8, non-JSON or non-object file is
     one UserError line naming the file, what it is and ``remedy``."""

@@ -22,7 +22,7 @@ from core.errors import UserError
 from core.config import ReferenceData
 from evaluation.config import EvalConfig
 from core.images import image_grid
-from core.io import atomic_write, write_json
+from core.io import atomic_write, dir_digest, write_json
 
 ADHERENCE_ATTRS = ("shape", "colour", "position")
 
@@ -260,17 +260,6 @@ def generate_images(model: str, items: list[dict], cfg: EvalConfig, desc: str = 
 _IMAGE_CACHE_VERSION = 2  # bump when generate_images or the sampling engine changes what they draw
 
 
-def _dir_digest(root: Path) -> str:
-    """Content hash of every file under a model dir (names, sizes and bytes)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(root)}\0{f.stat().st_size}\0".encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def generate_cached(model: str, items: list[dict], cfg: EvalConfig, desc: str) -> tuple[np.ndarray, bool]:
     """``generate_images``, kept on disk under a key of the model's files, the prompts and the sampling settings.
 
@@ -285,7 +274,7 @@ def generate_cached(model: str, items: list[dict], cfg: EvalConfig, desc: str) -
         return generate_images(model, items, cfg, desc), False
     import diffusers
 
-    h = hashlib.sha256(_dir_digest(root).encode())
+    h = hashlib.sha256(dir_digest(root).encode())
     # the libraries and this module's generation code decide the pixels too
     h.update(json.dumps([_IMAGE_CACHE_VERSION, diffusers.__version__, torch.__version__,
                          [it["prompt"] for it in items], cfg.steps, cfg.guidance, cfg.scheduler, cfg.seed,

@@ -136,27 +136,24 @@ def build_variants(state: dict, cfg: ExportConfig) -> dict[str, VariantEntry]:
             bar.write(f"{name}: building it again ({why})")
         if kept is not None:  # built by an earlier export into this dir from the same inputs, unchanged since
             bar.write(f"{name}: kept from the export of {kept['built']} (same model, settings and code)")
-            ctx["built"][name], ctx["notes"][name], ctx["keys"][name] = final, kept["notes"], key
-            entries[name] = VariantEntry(
-                status="ok", dir=name, build_s=kept["build_s"], size_mb=dir_size_mb(final), reused=True,
-                tolerance_px=variant.TOLERANCE, notes=kept["notes"],
-                load=LoadHint(registry=name, call=f"export.loader.load(EXPORT_DIR, '{name}')"))
-            continue
-        t0 = time.perf_counter()
-        try:
-            with atomic_dir(final) as tmp:
-                notes = variant.build(state["model"], tmp, state["device"], ctx)
-                reuse.record(tmp, made_from, round(time.perf_counter() - t0, 1), notes)
-        except UserError as e:
-            entries[name] = VariantEntry(status="failed", reason=str(e))
-            continue
-        except Exception as e:  # a backend that breaks on this model/hardware: report, don't crash
-            entries[name] = VariantEntry(status="failed", reason=f"{type(e).__name__}: {str(e)[:300]}")
-            continue
+            notes, build_s = kept["notes"], kept["build_s"]
+        else:
+            t0 = time.perf_counter()
+            try:
+                with atomic_dir(final) as tmp:
+                    notes = variant.build(state["model"], tmp, state["device"], ctx)
+                    reuse.record(tmp, made_from, round(time.perf_counter() - t0, 1), notes)
+            except UserError as e:
+                entries[name] = VariantEntry(status="failed", reason=str(e))
+                continue
+            except Exception as e:  # a backend that breaks on this model/hardware: report, don't crash
+                entries[name] = VariantEntry(status="failed", reason=f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            build_s = round(time.perf_counter() - t0, 1)
         ctx["built"][name], ctx["notes"][name], ctx["keys"][name] = final, notes, key
         entries[name] = VariantEntry(
-            status="ok", dir=name, build_s=round(time.perf_counter() - t0, 1), size_mb=dir_size_mb(final),
-            tolerance_px=variant.TOLERANCE, notes=notes,
+            status="ok", dir=name, build_s=build_s, reused=True if kept is not None else None,
+            size_mb=dir_size_mb(final), tolerance_px=variant.TOLERANCE, notes=notes,
             load=LoadHint(registry=name, call=f"export.loader.load(EXPORT_DIR, '{name}')"))
     return entries
 

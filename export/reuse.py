@@ -2,7 +2,7 @@
 
 Each built folder carries ``build.json``: its build key (what it was made from: the model's files,
 the device, the variant, the export settings its build reads, the code of ``core/`` and ``export/``
-and the library versions) and the hash of every file in it. A later export into the same ``--out``
+and the library versions) and a content hash of its files. A later export into the same ``--out``
 keeps a folder whose key is the one it would build now and whose files are unchanged, instead of
 building it again (an ONNX export of an SD1.5-size UNet takes minutes). So changing the gate (seed,
 images, budget) re-benchmarks without rebuilding, and an interrupted export resumes with the
@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from core.errors import UserError
-from core.io import sha256_file, write_json
+from core.io import dir_digest, sha256_file, write_json
 from export import trust
 
 BUILD_FILE = "build.json"
@@ -31,11 +31,9 @@ def _hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` by its relative path (``build.json`` itself left out)."""
-    folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).as_posix() != BUILD_FILE}
+def folder_digest(folder: Path) -> str:
+    """Content hash of a variant folder's files, ``build.json`` itself left out."""
+    return dir_digest(folder, exclude=(BUILD_FILE,))
 
 
 def common_inputs(model_dir: Path, device: str) -> dict:
@@ -53,7 +51,7 @@ def common_inputs(model_dir: Path, device: str) -> dict:
         import torch
 
         device = f"cuda: {torch.cuda.get_device_name()} (sm {'.'.join(map(str, torch.cuda.get_device_capability()))})"
-    return {"model": _hash_json(file_hashes(model_dir)), "device": device, "code": _hash_json(code),
+    return {"model": dir_digest(model_dir), "device": device, "code": _hash_json(code),
             "versions": versions}
 
 
@@ -87,7 +85,7 @@ def record(folder: Path, inputs: dict, build_s: float, notes: dict) -> None:
     """Writes ``build.json`` into a finished folder (before it is moved into place)."""
     write_json(Path(folder) / BUILD_FILE, {"key": key_of(inputs), "made_from": inputs,
                                            "built": time.strftime("%Y-%m-%d %H:%M:%S"), "build_s": build_s,
-                                           "notes": notes, "files": file_hashes(folder)})
+                                           "notes": notes, "digest": folder_digest(folder)})
 
 
 WHAT = {"model": "the model's files", "device": "the device", "code": "t2i-sprint's code",
@@ -107,7 +105,7 @@ def reusable(folder: Path, inputs: dict) -> tuple[dict | None, str | None]:
             old = rec.get("made_from") if isinstance(rec.get("made_from"), dict) else {}
             changed = [WHAT[k] for k in WHAT if old.get(k) != inputs.get(k)]
             return None, f"changed since: {', '.join(changed) or 'its build key'}"
-        if not isinstance(rec.get("notes"), dict) or rec.get("files") != file_hashes(folder):
+        if not isinstance(rec.get("notes"), dict) or rec.get("digest") != folder_digest(folder):
             return None, "its files changed since it was built"
         try:
             trust.check(folder, trusted=False)  # code it ships (an Inductor cache) runs only if built here
