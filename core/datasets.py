@@ -154,10 +154,8 @@ def dataset_rows(path: str, image_column: str = "image", caption_column: str = "
     at most ``max_rows`` of them (``sample_rows``). A missing, empty or uncaptioned local folder is a
     UserError here; a hub dataset's rows are read (and checked) as they are iterated."""
     local = Path(path)
-    if not local.exists():
-        if _is_hub_id(path):
-            return _hub_rows(path, image_column, caption_column, max_rows)
-        raise UserError(f"dataset folder {path} does not exist")
+    if not dataset_exists(path):
+        return _hub_rows(path, image_column, caption_column, max_rows)
     if not local.is_dir():
         raise UserError(f"dataset path {path} is not a folder")
     if not any(local.iterdir()):
@@ -206,6 +204,15 @@ def dataset_captions(path: str, image_column: str = "image", caption_column: str
             _check_caption(c, caption_column, f"row {i}")
         return captions
     return [row[caption_column] for _, _, row in dataset_rows(path, image_column, caption_column)]
+
+
+def dataset_exists(path: str) -> bool:
+    """True for a local path, False for a hub dataset id; anything else is a UserError."""
+    if Path(path).exists():
+        return True
+    if _is_hub_id(path):
+        return False
+    raise UserError(f"dataset folder {path} does not exist")
 
 
 def _is_hub_id(path: str) -> bool:

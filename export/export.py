@@ -46,7 +46,8 @@ def plan_for(cfg: ExportConfig, captions: list[str] | None = None) -> tuple[dict
     plan = {"batch_sizes": cfg.batch_sizes, "steps": cfg.steps, "guidance": cfg.guidance,
             "repeats": cfg.repeats, "prompts": prompts * (1 + max(cfg.batch_sizes) * cfg.repeats // len(prompts)),
             "quality_prompts": prompts, "quality_seeds": [cfg.seed + i for i in range(len(prompts))],
-            "quality_batch": 8}
+            # the largest timed batch: a compiled variant then draws them with graphs its build warmed
+            "quality_batch": max(cfg.batch_sizes)}
     return plan, items
 
 

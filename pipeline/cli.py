@@ -135,10 +135,12 @@ def run_command(name: str, cfg, ns: argparse.Namespace) -> None:
         from pathlib import Path
 
         from core.io import read_json_file, write_json
+
+        tcfg = cfg.train_config()
+        tcfg.check_paths()  # before the training stack imports
         from pipeline.run import evaluate_trained
         from training.train import main
 
-        tcfg = cfg.train_config()
         report = main(tcfg)
         if report and int(os.environ.get("RANK", "0")) == 0:
             print(f"trained {report['steps']} steps in {report['wall_time_s']} s "

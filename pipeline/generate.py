@@ -43,6 +43,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
 
     from core.images import image_grid
     from core.io import save_image
+    from core.models import check_size, model_meta, resolve_model
     from core.sampling import GenerationRequest, load_generator
 
     if not cfg.prompt.strip():
@@ -52,6 +53,10 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         raise UserError(f"--out {cfg.out} must end in .png")
     if not out_p.parent.exists():
         raise UserError(f"folder {out_p.parent} does not exist")
+    path, local = resolve_model(cfg.model)
+    if local and cfg.size:  # from the configs, before the weights load
+        meta = model_meta(Path(path))
+        check_size(cfg.size, cfg.size, meta["min_size"], meta["max_size"], meta["size_factor"], f"--size {cfg.size}:")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = load_generator(cfg.model, cfg.scheduler, device=device)
     size = cfg.size or gen.native_size

@@ -233,7 +233,7 @@ def test_the_same_model_exported_with_other_benchmark_seeds_selects_the_same_var
     chosen, out = [], tmp_path / "export"
     for seed in (0, 1):
         # every candidate re-timed (the default re-times those within 50% of the fastest)
-        res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32,eager-bf16,onnx-fp32",
+        res = run_cli("export", str(micro_model), "--out", str(out), "--variants", "eager-fp32,onnx-fp32,onnx-int8",
                       "--num-images", "16", "--repeats", "5", "--batch-sizes", "1", "--steps", "4",
                       "--retime-within-pct", "10000", "--seed", str(seed), timeout=900)
         assert res.returncode == 0, res.stderr[-2000:]
@@ -241,7 +241,7 @@ def test_the_same_model_exported_with_other_benchmark_seeds_selects_the_same_var
         assert m.plan.seed == seed
         chosen.append(m.selected)
         retimed = [n for n, e in m.measured().items() if e.within_budget and e.quality.within_tolerance]
-        assert len(retimed) >= 2, retimed  # eager-fp32 and onnx-fp32 at least
+        assert len(retimed) >= 2, retimed  # eager-fp32 and onnx-fp32 at least (onnx-int8 is gated on its drift)
         for n, e in m.measured().items():
             lat = e.bench.latency[1]
             runs = 3 if n in retimed else 1  # its benchmark process, then one per round (2 rounds)

@@ -254,6 +254,19 @@ class TrainConfig(Strict):
             words = self.data.synthetic.focus if self.data.synthetic else []
         return [w.lower() for w in words]
 
+    def check_paths(self) -> None:
+        """The model dir and dataset folder as typed, checked before the training stack is imported (which
+        takes seconds): a typo is a clear error at once. Preset names and hub ids are the loader's."""
+        from pathlib import Path
+
+        from core.datasets import dataset_exists, dataset_rows
+        from core.models import resolve_model
+
+        if "/" in self.model.pretrained or Path(self.model.pretrained).exists():
+            resolve_model(self.model.pretrained)
+        if self.data.synthetic is None and dataset_exists(self.data.path):
+            dataset_rows(self.data.path, self.data.image_column, self.data.caption_column)  # empty, uncaptioned
+
     @model_validator(mode="after")
     def _focus_words_known(self):
         if self.train.focus_token_learning_rate and not self.focus_words_resolved():
