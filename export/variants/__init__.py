@@ -21,7 +21,7 @@ REGISTRY: dict[str, object] = {
     "int8-bnb": int8_bnb.BnbInt8(),
     "compile": compiled.Compiled(base="eager-fp32"),
     "compile-int8": compiled.Compiled(base="int8-torchao"),
-    "int8-static": compiled.Compiled(base=int8_static.StaticInt8Base()),
+    "int8-static": int8_static.StaticInt8(),
     "onnx-fp32": onnx.Onnx("fp32"),
     "onnx-fp16": onnx.Onnx("fp16"),
     "onnx-int8": onnx.Onnx("int8"),

@@ -1,5 +1,5 @@
 """torch.compile (Inductor) of the UNet and the VAE decoder, on top of another variant's weights
-(eager-fp32, int8-torchao, or int8-static's quantized graph). Build warms up every batch size the service will use and saves
+(eager-fp32 or int8-torchao). Build warms up every batch size the service will use and saves
 Inductor's compiled artifacts (``torch.compiler.save_cache_artifacts``) into the folder, so a fresh
 process loads them instead of compiling from scratch (the benchmark reports both starts).
 
@@ -58,26 +58,9 @@ def _timestep_per_row(unet):
     return call
 
 
-class _Patched(torch.nn.Module):
-    """``module`` called with Inductor's config patched by ``options``: compiling is lazy (at the first call
-    of each shape), and ``torch.compile(options=)`` does not carry every setting (freezing) into it."""
-
-    def __init__(self, module, options: dict):
-        super().__init__()
-        self.module, self.options = module, options
-
-    def forward(self, *args, **kwargs):
-        import torch._inductor.config as inductor_config
-
-        with inductor_config.patch(self.options):
-            return self.module(*args, **kwargs)
-
-
-def _compile(gen, options: dict | None = None) -> None:
+def _compile(gen) -> None:
     be = gen.backend
     be.unet_model = torch.compile(be.unet_model, dynamic=False)
-    if options:
-        be.unet_model = _Patched(be.unet_model, options)
     be.vae.decode = torch.compile(be.vae.decode, dynamic=False)
     be.row_buckets = ROW_BUCKETS  # what serving warms up (service.py)
     be.unet, be.decode = _timestep_per_row(_bucketed(be.unet, ROW_BUCKETS)), _bucketed(be.decode, ROW_BUCKETS)
@@ -103,24 +86,21 @@ def warm_up(gen, batch_sizes: list[int], steps: int = 2, max_rows: int = 0) -> f
 
 
 class Compiled:
-    """``base``: a registry name, or an object with the variant functions and a ``name`` that exists only
-    compiled (int8-static: its quantized graph runs as int8 only once Inductor lowers it)."""
+    """``base``: the registry name of the variant whose weights are compiled."""
 
-    def __init__(self, base):
-        self._base_obj = None if isinstance(base, str) else base
-        self.base = base if isinstance(base, str) else base.name
-        self.TOLERANCE = 2.0 if base == "eager-fp32" else getattr(base, "TOLERANCE", 12.0)
-        self.options = getattr(base, "INDUCTOR_OPTIONS", None)  # Inductor config patches for the UNet
+    def __init__(self, base: str):
+        self.base = base
+        self.TOLERANCE = 2.0 if base == "eager-fp32" else 12.0
 
     def _base(self):
         from export.variants import REGISTRY
 
-        return self._base_obj if self._base_obj is not None else REGISTRY[self.base]
+        return REGISTRY[self.base]
 
     def unsupported(self, device: str) -> str | None:
         reason = self._base().unsupported(device)
         if reason:
-            return reason if self._base_obj is not None else f"its base {self.base} is unsupported: {reason}"
+            return f"its base {self.base} is unsupported: {reason}"
         if not hasattr(torch.compiler, "save_cache_artifacts"):
             return f"torch {torch.__version__} has no torch.compiler.save_cache_artifacts (torch >= 2.7 does)"
         if device == "cpu" and not shutil.which("g++") and not shutil.which("c++"):
@@ -134,7 +114,7 @@ class Compiled:
 
         CacheArtifactManager.clear()  # else the cache file would also carry the graphs built before this variant
         gen = self._base().load(out_dir, device)
-        _compile(gen, self.options)
+        _compile(gen)
         cold = warm_up(gen, ctx.get("batch_sizes", [1]))
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None:
@@ -156,7 +136,7 @@ class Compiled:
         if (var_dir / CACHE_FILE).exists():  # verified and trusted, or refused, before anything runs
             torch.compiler.load_cache_artifacts(trust.verified_bytes(var_dir, CACHE_FILE, trusted))
         gen = self._base().load(var_dir, device)
-        _compile(gen, self.options)
-        gen.info = {"variant": f"compile ({self.base})" if self._base_obj is None else self.base,
+        _compile(gen)
+        gen.info = {"variant": f"compile ({self.base})",
                     "warm_start_s": round(warm_up(gen, batch_sizes), 1)}
         return gen

@@ -12,14 +12,20 @@ Unlike int8-torchao (activations quantized per call) and onnx-int8 (MatMuls only
 ConvInteger is slower than its fp32 convolution) this quantizes the convolutions, most of a real-size
 UNet's arithmetic on a CPU.
 
-The folder is eager-fp32's (safetensors) plus ``calibration.safetensors``: the observers' statistics after
-the model drew images for prompts other than the gate's. Loading exports the UNet, loads those statistics
-into a freshly prepared graph (no forward pass: a real-size UNet loads in the time its export takes),
-converts and compiles through ``compiled.Compiled``: nothing in the folder is code but the Inductor cache,
-which loads only when trusted."""
+The folder is eager-fp32's (safetensors), ``calibration.safetensors`` (the observers' statistics after the
+model drew images for prompts other than the gate's) and ``unet_int8.pt2``: the quantized UNet compiled
+ahead of time by AOTInductor at build, for any batch up to MAX_ROWS rows and any image size. A fresh process
+(the benchmark, a server) loads that package in a second instead of quantizing and compiling again (about
+a minute on the micro model; Inductor's cache cannot hold graphs with frozen int8 weights). The package is
+compiled code: it loads only through ``export.trust`` (built on this machine, or --trusted-artifacts).
+``StaticInt8Base`` reads the statistics into a freshly prepared graph (no forward pass) and converts it,
+uncompiled: what the package is compiled from."""
 from __future__ import annotations
 
+import io
 import platform
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +36,8 @@ from core.sampling import GenerationRequest
 from export.variants.compiled import per_row_timestep
 
 CALIBRATION = "calibration.safetensors"
+PACKAGE = "unet_int8.pt2"
+CODE_KIND = "an AOTInductor package (the int8 UNet's compiled kernels)"
 CALIBRATION_STEPS = 6  # UNet calls observed per calibration generation, evenly over the steps
 CALIBRATION_SEED = 10_000  # calibration image i uses this + i; the gate's seeds start at the export's seed
 OBSERVER = "activation_post_process_"  # how prepare_pt2e names its observers
@@ -136,14 +144,41 @@ def quantize_unet(unet, statistics: dict[str, torch.Tensor], example: tuple, whe
     return _Quantized(graph, unet.config)
 
 
+def package(quantized: _Quantized, example: tuple, path: Path) -> dict:
+    """Compiles ``quantized``'s graph ahead of time into ``path`` (AOTInductor, with freezing: the weights
+    become constants and the quantized patterns lower to oneDNN's int8 kernels), for 1 to MAX_ROWS rows and
+    any latent size. Returns how many convolutions and linear layers were lowered to int8 kernels."""
+    import torch._inductor
+    from torch._dynamo.utils import counters
+
+    rows = torch.export.Dim("rows", min=1, max=_Quantized.MAX_ROWS)
+    dyn = torch.export.Dim.DYNAMIC
+    with torch.no_grad():
+        program = torch.export.export(quantized.graph, example, dynamic_shapes=(
+            {0: rows, 2: dyn, 3: dyn}, {0: rows}, {0: rows}))
+        counters.clear()
+        # no FX graph cache: the pattern passes run (and are counted) on every build
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                 inductor_configs={"freezing": True, "fx_graph_cache": False})
+    passes = counters["inductor"]
+    return {"convolutions": passes["qconv_weight_prepack_matcher_count"],
+            "linear_layers": passes["qlinear_weight_prepack_matcher_count"]}
+
+
+def _example(gen) -> tuple:
+    """UNet inputs of the native size: two rows, as a guided step has."""
+    config = gen.backend.unet_model.config
+    side = config.sample_size
+    return (torch.zeros(2, config.in_channels, side, side), torch.tensor([500.0, 500.0]), gen.encode(["", ""]))
+
+
 class StaticInt8Base:
-    """Writes and reads the folder; ``compiled.Compiled`` around it compiles the quantized UNet."""
+    """Writes the eager weights and the calibration; ``load`` gives the quantized graph, uncompiled."""
 
     name = "int8-static"
     # wider than the dynamic int8 variants' 12 (the micro model's round trip: 10.2-10.8 levels, with VNNI or
     # without): activation ranges fixed from a few prompts clip the rest
     TOLERANCE = 16.0
-    INDUCTOR_OPTIONS = {"freezing": True}  # weights as constants: what lowers quantized patterns to oneDNN int8
 
     def unsupported(self, device: str) -> str | None:
         if device != "cpu":
@@ -180,9 +215,53 @@ class StaticInt8Base:
             raise UserError(f"{var_dir} has no {CALIBRATION}; re-run `t2i export`")
         statistics, _ = read_safetensors(where, remedy="re-run `t2i export`")
         gen = REGISTRY["eager-fp32"].load(var_dir, device)
-        unet = gen.backend.unet_model
-        side = unet.config.sample_size
-        emb = gen.encode(["", ""])
-        example = (torch.zeros(2, unet.config.in_channels, side, side), torch.tensor([500.0, 500.0]), emb)
-        gen.backend.unet_model = quantize_unet(unet, statistics, example, str(where))
+        gen.backend.unet_model = quantize_unet(gen.backend.unet_model, statistics, _example(gen), str(where))
+        return gen
+
+
+class StaticInt8(StaticInt8Base):
+    """The registry's int8-static: the quantized UNet compiled ahead of time at build, loaded as a package."""
+
+    def unsupported(self, device: str) -> str | None:
+        reason = super().unsupported(device)
+        if reason:
+            return reason
+        import torch._inductor
+
+        if not hasattr(torch._inductor, "aoti_compile_and_package"):
+            return f"torch {torch.__version__} has no AOTInductor packaging (torch >= 2.6 does)"
+        if not shutil.which("g++") and not shutil.which("c++"):
+            return "AOTInductor on CPU needs a C++ compiler (g++), and none is installed"
+        return None
+
+    def build(self, model_dir: Path, out_dir: Path, device: str, ctx: dict) -> dict:
+        from export import trust
+
+        notes = super().build(model_dir, out_dir, device, ctx)
+        gen = StaticInt8Base.load(self, out_dir, device)
+        t0 = time.perf_counter()
+        kernels = package(gen.backend.unet_model, _example(gen), out_dir / PACKAGE)
+        if not (kernels["convolutions"] and kernels["linear_layers"]):
+            raise RuntimeError(f"Inductor lowered {kernels} layers to int8 kernels: the quantized patterns did "
+                               "not match (a torch or torchao change?)")
+        trust.record(out_dir, [PACKAGE], CODE_KIND)
+        return {**notes, "int8_kernels": kernels, "compile_s": round(time.perf_counter() - t0, 1)}
+
+    def load(self, var_dir: Path, device: str, trusted: bool = False):
+        import torch._inductor
+
+        from export import trust
+        from export.variants import REGISTRY
+
+        if not (var_dir / PACKAGE).exists():
+            raise UserError(f"{var_dir} has no {PACKAGE} (an int8-static folder of an older t2i); re-run `t2i export`")
+        data = trust.verified_bytes(var_dir, PACKAGE, trusted)  # verified and trusted, or refused, before it runs
+        gen = REGISTRY["eager-fp32"].load(var_dir, device)
+        try:
+            runner = torch._inductor.aoti_load_package(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 - built by another torch, or for another CPU: one line
+            raise UserError(f"{var_dir / PACKAGE} does not load here ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''}); re-run `t2i export`") from None
+        gen.backend.unet_model = _Quantized(runner, gen.backend.unet_model.config)
+        gen.info = {**gen.info, "variant": "int8-static"}
         return gen
