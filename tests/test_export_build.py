@@ -42,24 +42,36 @@ def test_engine_batches_mixed_requests_like_single_ones(micro_model):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
+@pytest.fixture(scope="module")
+def onnx_external(micro_model, tmp_path_factory):
+    """onnx-fp32 of the micro model with its weights forced outside the protobuf (as an SD 1.x UNet's must
+    be: see test_onnx_conversions_keep_weights_outside_the_protobuf), and its build notes."""
+    from export.variants import onnx as ox
+
+    fp32 = tmp_path_factory.mktemp("onnx") / "fp32"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ox, "EXTERNAL_DATA_MB", 0)
+        return fp32, ox.Onnx("fp32").build(micro_model, fp32, "cpu", {})
+
+
 @pytest.mark.slow
-def test_onnx_unet_matches_torch_at_native_and_double_size(micro_model, tmp_path):
-    from export.variants.onnx import COMPONENT_ATOL, _check, _export, _parts
+def test_onnx_unet_matches_torch_at_native_and_double_size(micro_model, onnx_external):
+    from export.variants.onnx import COMPONENT_ATOL, _check, _parts
     from export.common import load_torch_parts, model_meta
 
     te, unet, vae = load_torch_parts(micro_model)
     mod, examples, ins, outs, shapes = _parts(te, unet, vae, model_meta(micro_model)["max_size"])["unet"]
     assert [e[0].shape[-1] for e in examples] == [16, 32] and [e[0].shape[0] for e in examples] == [2, 1]
-    _export(mod, examples[0], ins, outs, shapes, tmp_path / "unet.onnx")
-    assert _check(mod, examples, tmp_path / "unet.onnx", "unet", COMPONENT_ATOL["unet"]) < 1e-4
+    path = onnx_external[0] / "unet" / "model.onnx"
+    assert _check(mod, examples, path, "unet", COMPONENT_ATOL["unet"]) < 1e-4
     # the timestep is a float input, used as a float: a fractional one (Euler, Karras sigmas) is not truncated
     import onnx
 
     from export.variants.onnx import _session, input_type
 
     assert examples[1][1].tolist() == [250.5]  # _check compared torch and ONNX there
-    assert input_type(_session(tmp_path / "unet.onnx", "cpu"), "timestep") == np.float32
-    graph = onnx.load(str(tmp_path / "unet.onnx"), load_external_data=False).graph
+    assert input_type(_session(path, "cpu"), "timestep") == np.float32
+    graph = onnx.load(str(path), load_external_data=False).graph
     ints = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
     assert not [n for n in graph.node if n.op_type == "Cast" and "timestep" in n.input
                 and any(a.name == "to" and a.i in ints for a in n.attribute)]
@@ -154,7 +166,7 @@ def test_a_hung_benchmark_is_stopped_at_its_timeout(micro_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_conversions_keep_weights_outside_the_protobuf(micro_model, tmp_path, monkeypatch):
+def test_onnx_conversions_keep_weights_outside_the_protobuf(micro_model, onnx_external, tmp_path, monkeypatch):
     """An SD 1.x UNet (3.4 GB fp32) cannot live in one protobuf (2 GB): above EXTERNAL_DATA_MB the
     weights go to model.onnx.data and the fp16 / int8 conversions must work through paths. Forced
     here on the micro model: the fp32 export and the graphs converted from it keep their weights
@@ -164,10 +176,10 @@ def test_onnx_conversions_keep_weights_outside_the_protobuf(micro_model, tmp_pat
     from export.variants import onnx as ox
 
     monkeypatch.setattr(ox, "EXTERNAL_DATA_MB", 0)
-    fp32 = tmp_path / "fp32"
-    ctx = {"built": {"onnx-fp32": fp32}, "notes": {"onnx-fp32": ox.Onnx("fp32").build(micro_model, fp32, "cpu", {})}}
+    fp32, notes = onnx_external
+    ctx = {"built": {"onnx-fp32": fp32}, "notes": {"onnx-fp32": notes}}
     for precision in ("fp32", "int8", "fp16"):
-        out = tmp_path / precision
+        out = fp32 if precision == "fp32" else tmp_path / precision
         if precision != "fp32":  # as an export builds them: converted from the checked fp32 export
             assert ox.Onnx(precision).build(micro_model, out, "cpu", ctx)["exported_from"] == "onnx-fp32"
         for part in ("text_encoder", "unet"):
