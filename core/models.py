@@ -88,8 +88,9 @@ def load_tokenizer(model_dir: Path):
     return CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer")
 
 
-def load_torch_parts(model_dir: Path, dtype=None, device="cpu"):
-    """Text encoder, UNet and VAE of a model dir in ``dtype`` (default fp32) on ``device``, in eval mode."""
+def load_torch_parts(model_dir: Path, dtype=None, device="cpu", unet: bool = True):
+    """Text encoder, UNet and VAE of a model dir in ``dtype`` (default fp32) on ``device``, in eval mode;
+    ``unet=False``: the UNet's config instead of the UNet (a variant that runs its own UNet graph)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -99,9 +100,15 @@ def load_torch_parts(model_dir: Path, dtype=None, device="cpu"):
     try:
         # safetensors only: a .bin weight file is a pickle, and unpickling can run code
         te = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype, use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtype, use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=dtype, use_safetensors=True)
-        te, unet, vae = (m.to(device).eval() for m in (te, unet, vae))
+        te, vae = te.to(device).eval(), vae.to(device).eval()
+        if unet:
+            unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtype, use_safetensors=True)
+            unet = unet.to(device).eval()
+        else:
+            from diffusers.configuration_utils import FrozenDict
+
+            unet = FrozenDict(UNet2DConditionModel.load_config(model_dir / "unet"))
     except (OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"could not load model {model_dir}: {first}") from None

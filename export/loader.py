@@ -19,9 +19,14 @@ def check(export_dir: str | Path, variant: str | None = None, trusted: bool = Fa
     """(variant name, what code it ships and why that may run, or None when it ships none), without
     loading anything; a UserError line when the variant cannot load or its code is not trusted."""
     from export import trust
+    from export.variants import get
 
     name, entry = read_manifest(export_dir).variant(variant, export_dir)
-    return name, trust.check(Path(export_dir) / entry.dir, trusted)
+    code = trust.check(Path(export_dir) / entry.dir, trusted)
+    check_folder = getattr(get(name), "check_folder", None)  # e.g. int8-static: compiled for this CPU and torch?
+    if check_folder is not None:
+        check_folder(Path(export_dir) / entry.dir)
+    return name, code
 
 
 def choose_device(variant, built_on: str | None, requested: str | None = None) -> str:
@@ -52,8 +57,8 @@ def choose_device(variant, built_on: str | None, requested: str | None = None) -
 def load(export_dir: str | Path, variant: str | None = None, device: str | None = None, trusted: bool = False):
     """Loads ``variant`` (default: the manifest's selected one) from disk on ``device`` (default: this
     machine's, see ``choose_device``); returns a Generator. Weights load as data; a variant that ships
-    code (the compile variant's Inductor cache) loads only when that code was built on this machine or
-    ``trusted`` is set (see ``export.trust``)."""
+    code (the compile variant's Inductor cache, int8-static's AOTInductor package) loads only when that
+    code was built on this machine or ``trusted`` is set (see ``export.trust``)."""
     from export.variants import get
 
     manifest = read_manifest(export_dir)

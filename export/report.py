@@ -145,7 +145,8 @@ def write_bench_md(manifest: ExportManifest, path: Path) -> None:
     text = (f"# Export benchmark: {manifest.model_dir}\n\n"
             f"Device: {manifest.device} ({hw.cpu}{', ' + hw.gpu if hw.gpu else ''}, {hw.threads} threads). "
             f"Same prompts, seeds, scheduler and {plan.steps} steps for every variant; "
-            f"{plan.num_images} quality images ({_prompt_source(manifest.config)}); {against}; FID features: "
+            f"{plan.num_images} quality images ({_prompt_source(manifest.config)}), drawn {max(plan.batch_sizes)} at a "
+            f"time (the largest timed batch); {against}; FID features: "
             f"{features}.\n"
             f"Budget: FID drift <= {budget.max_fid_drift_pct}%, "
             + (f"adherence drop <= {budget.max_adherence_drop_pts} pts" if q0 is None or q0.adherence is not None

@@ -108,7 +108,7 @@ def reusable(folder: Path, inputs: dict) -> tuple[dict | None, str | None]:
         if not isinstance(rec.get("notes"), dict) or rec.get("digest") != folder_digest(folder):
             return None, "its files changed since it was built"
         try:
-            trust.check(folder, trusted=False)  # code it ships (an Inductor cache) runs only if built here
+            trust.check(folder, trusted=False)  # code it ships (compiled kernels) runs only if built here
         except UserError:
             return None, "the code it ships was not built on this machine"
         return {"build_s": float(rec["build_s"]), "notes": rec["notes"], "built": str(rec.get("built"))}, None

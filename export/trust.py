@@ -1,11 +1,12 @@
 """Folders that ship code run it only when trusted.
 
-Weights are data (safetensors, ONNX) and load with no code of the folder's running. The one
-exception is the compile variant's Inductor cache (pickled graphs and compiled kernels): loading
-it runs what it holds. So build writes a hash manifest (``code.json``) beside such files and
-records their hashes in this user's trust store (``<cache>/trusted-artifacts.json``); loading
-verifies the hashes and runs the files only when they were built on this machine or the user
-says ``--trusted-artifacts`` (``T2I_TRUSTED_ARTIFACTS=true``) for a folder from elsewhere.
+Weights are data (safetensors, ONNX) and load with no code of the folder's running. The exceptions
+are the compile variant's Inductor cache (pickled graphs and compiled kernels) and int8-static's
+AOTInductor package (a compiled shared library): loading them runs what they hold. So build writes a
+hash manifest (``code.json``) beside such files and records their hashes in this user's trust store
+(``<cache>/trusted-artifacts.json``); loading verifies the hashes and runs the files only when they
+were built on this machine or the user says ``--trusted-artifacts`` (``T2I_TRUSTED_ARTIFACTS=true``)
+for a folder from elsewhere.
 """
 from __future__ import annotations
 

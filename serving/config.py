@@ -55,8 +55,9 @@ class ServingConfig(Strict):
     """File holding the API key (T2I_API_KEY_FILE), or set T2I_API_KEY: then generation and /info need
     'Authorization: Bearer KEY'; the probes and /metrics stay open."""
     trusted_artifacts: bool = False
-    """Run code that a variant ships (the compile variant's Inductor cache) even when it was not built
-    on this machine (T2I_TRUSTED_ARTIFACTS); only for export dirs from a source you trust."""
+    """Run code that a variant ships (the compile variant's Inductor cache, int8-static's AOTInductor
+    package) even when it was not built on this machine (T2I_TRUSTED_ARTIFACTS); only for export dirs
+    from a source you trust."""
 
     @model_validator(mode="after")
     def _one_request_fits(self) -> "ServingConfig":

@@ -2,7 +2,8 @@
 
 Before the server starts, what can be checked without loading the model is checked and reported as
 one line: the manifest and variant, the API key file, and whether the variant ships code (the
-compile variant's Inductor cache), which runs only when built here or with --trusted-artifacts."""
+compile variant's Inductor cache, int8-static's package), which runs only when built here or with
+--trusted-artifacts."""
 from __future__ import annotations
 
 import ipaddress

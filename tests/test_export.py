@@ -16,7 +16,7 @@ from tests.conftest import ROOT, evil_pickle, forbid_unpickling, run_cli
 
 CPU_VARIANTS = ["eager-fp32", "eager-bf16", "int8-torchao", "int8-bnb", "compile", "int8-static", "onnx-fp32",
                 "onnx-int8"]
-COMPILED = ("compile", "int8-static")  # they ship compiled code (an Inductor cache, an AOTInductor package): loaded only when trusted
+COMPILED = ("compile", "int8-static")  # they ship compiled code, loaded only when trusted
 APPROX_VARIANTS = ["eager-fp32+cache2+trunc0.5", "onnx-int8+cache2from0.3+trunc0.5", "onnx-int8+trunc0.5", "eager-fp32+tome0.5"]
 
 
@@ -62,7 +62,7 @@ def test_every_cpu_variant_round_trips_within_tolerance(exported):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["eager-fp32", "onnx-fp32", "onnx-int8", "int8-static"] + APPROX_VARIANTS)
-def test_step_batching_matches_alone_for_each_backend(exported, name, request):
+def test_step_batching_matches_alone_for_each_backend(exported, name):
     """Step batching through each backend (ONNX takes one timestep per sample; compile gets padded
     row buckets): a request in a mixed running set gets the image it gets alone."""
     from tests.test_stepper import MIXED, assert_same_as_alone
@@ -211,8 +211,11 @@ def test_int8_static_quantizes_the_unet_from_its_own_calibration_data(exported, 
     from export.config import ExportConfig
     from export.export import plan_for
     from export.variants import REGISTRY
-    from export.variants.int8_static import (CALIBRATION, OBSERVER, PACKAGE, StaticInt8Base, _Quantized, _record,
-                                             calibrate)
+    import json
+
+    from export.loader import check
+    from export.variants.int8_static import (CALIBRATION, OBSERVER, PACKAGE, TARGET, StaticInt8Base, _Quantized,
+                                             _record, calibrate)
 
     out, manifest = exported
     notes = manifest.variants["int8-static"].notes
@@ -253,7 +256,7 @@ def test_int8_static_quantizes_the_unet_from_its_own_calibration_data(exported, 
     t0 = time.perf_counter()
     packaged = REGISTRY["int8-static"].load(out / "int8-static", "cpu", trusted=True).backend.unet_model
     assert time.perf_counter() - t0 < 30  # loaded, not compiled (compiling takes minutes here)
-    for rows, side in ((3, x.shape[-1]), (2, 2 * x.shape[-1])):
+    for rows, side in ((3, x.shape[-1]), (2, 2 * x.shape[-1]), (2, x.shape[-1] // 2)):  # native, max, min
         xi = torch.randn(rows, x.shape[1], side, side, generator=torch.Generator().manual_seed(rows))
         ti, ei = t[:rows], emb[:1].expand(rows, -1, -1).contiguous()
         got = packaged(xi, ti, ei)[0]
@@ -267,6 +270,19 @@ def test_int8_static_quantizes_the_unet_from_its_own_calibration_data(exported, 
     (bad / PACKAGE).write_bytes((bad / PACKAGE).read_bytes()[:-1] + b"x")
     with pytest.raises(UserError, match="does not match the hash"):
         REGISTRY["int8-static"].load(bad, "cpu", trusted=True)
+    # compiled for the build's torch and CPU: another torch, or a CPU without one of its instruction sets,
+    # is refused before the package runs (by the loader's pre-start check too), not an illegal instruction
+    other = tmp_path / "other" / "int8-static"
+    shutil.copytree(out / "int8-static", other)
+    shutil.copy(out / "export.json", other.parent / "export.json")
+    target = json.loads((other / TARGET).read_text())
+    assert target["torch"] == torch.__version__ and "sse2" in target["cpu_flags"]
+    for changed, says in (({"torch": "2.0.0"}, "torch 2.0.0"), ({"cpu_flags": ["sse2", "avx512_zz"]}, "avx512_zz")):
+        (other / TARGET).write_text(json.dumps({**target, **changed}))
+        for attempt in (lambda: REGISTRY["int8-static"].load(other, "cpu", trusted=True),
+                        lambda: check(other.parent, "int8-static", trusted=True)):
+            with pytest.raises(UserError, match=f"{says}.*re-run `t2i export` on this machine"):
+                attempt()
     (bad / PACKAGE).unlink()
     with pytest.raises(UserError, match="re-run `t2i export`"):
         REGISTRY["int8-static"].load(bad, "cpu", trusted=True)

@@ -37,6 +37,9 @@ from export.variants.compiled import per_row_timestep
 
 CALIBRATION = "calibration.safetensors"
 PACKAGE = "unet_int8.pt2"
+TARGET = "target.json"  # the torch and CPU instruction sets the package was compiled for
+ISA_FLAGS = ("avx", "sse", "ssse3", "fma", "f16c", "bmi", "amx", "popcnt", "movbe", "abm", "adx", "sha_ni", "aes",
+             "pclmulqdq", "vpclmulqdq", "gfni", "vaes")  # /proc/cpuinfo flags that are instruction sets
 CODE_KIND = "an AOTInductor package (the int8 UNet's compiled kernels)"
 CALIBRATION_STEPS = 6  # UNet calls observed per calibration generation, evenly over the steps
 CALIBRATION_SEED = 10_000  # calibration image i uses this + i; the gate's seeds start at the export's seed
@@ -63,7 +66,8 @@ class _Quantized(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, return_dict=False):
         t = per_row_timestep(timestep, sample.shape[0])
-        return (_chunked(self.graph, sample, t, encoder_hidden_states, self.MAX_ROWS),)
+        # contiguous: an AOTInductor package assumes the strides it was compiled for and does not check them
+        return (_chunked(self.graph, sample.contiguous(), t, encoder_hidden_states.contiguous(), self.MAX_ROWS),)
 
 
 def _record(gen, prompts: list[str], steps: int, guidance: float) -> list[tuple]:
@@ -158,11 +162,22 @@ def package(quantized: _Quantized, example: tuple, path: Path) -> dict:
             {0: rows, 2: dyn, 3: dyn}, {0: rows}, {0: rows}))
         counters.clear()
         # no FX graph cache: the pattern passes run (and are counted) on every build
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                                 inductor_configs={"freezing": True, "fx_graph_cache": False})
+        # threads as the loading process has them (not the build's count, fixed into the kernels)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={
+            "freezing": True, "fx_graph_cache": False, "cpp.dynamic_threads": True})
     passes = counters["inductor"]
     return {"convolutions": passes["qconv_weight_prepack_matcher_count"],
             "linear_layers": passes["qlinear_weight_prepack_matcher_count"]}
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's instruction-set flags (/proc/cpuinfo; None where there is none to read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return None
+    return {fl for fl in line.partition(":")[2].split() if fl.startswith(ISA_FLAGS)} if line else None
 
 
 def _example(gen) -> tuple:
@@ -220,7 +235,10 @@ class StaticInt8Base:
 
 
 class StaticInt8(StaticInt8Base):
-    """The registry's int8-static: the quantized UNet compiled ahead of time at build, loaded as a package."""
+    """The registry's int8-static: the quantized UNet compiled ahead of time at build, loaded as a package.
+    Inductor compiles it for the build machine (``-march=native``), so ``target.json`` records the build's
+    torch and CPU instruction sets; another torch, or a CPU missing one of those sets, is refused with the
+    remedy instead of crashing on an illegal instruction."""
 
     def unsupported(self, device: str) -> str | None:
         reason = super().unsupported(device)
@@ -235,6 +253,7 @@ class StaticInt8(StaticInt8Base):
         return None
 
     def build(self, model_dir: Path, out_dir: Path, device: str, ctx: dict) -> dict:
+        from core.io import write_json
         from export import trust
 
         notes = super().build(model_dir, out_dir, device, ctx)
@@ -245,23 +264,42 @@ class StaticInt8(StaticInt8Base):
             raise RuntimeError(f"Inductor lowered {kernels} layers to int8 kernels: the quantized patterns did "
                                "not match (a torch or torchao change?)")
         trust.record(out_dir, [PACKAGE], CODE_KIND)
+        write_json(out_dir / TARGET, {"torch": torch.__version__, "cpu_flags": sorted(cpu_flags() or [])})
         return {**notes, "int8_kernels": kernels, "compile_s": round(time.perf_counter() - t0, 1)}
+
+    @staticmethod
+    def check_folder(var_dir: Path) -> None:
+        """A UserError line when the package is missing or was built for another torch or a CPU with
+        instruction sets this one lacks (reads two small files; nothing runs)."""
+        from core.io import read_json_file
+
+        remedy = "re-run `t2i export` on this machine"
+        if not (var_dir / PACKAGE).exists() or not (var_dir / TARGET).exists():
+            raise UserError(f"{var_dir} has no {PACKAGE} (an int8-static folder of an older t2i); {remedy}")
+        target = read_json_file(var_dir / TARGET, "int8-static build target", remedy)
+        if target.get("torch") != torch.__version__:
+            raise UserError(f"{var_dir / PACKAGE} was compiled by torch {target.get('torch')} and this is torch "
+                            f"{torch.__version__}; {remedy}")
+        here = cpu_flags()
+        missing = sorted(set(target.get("cpu_flags") or []) - here) if here is not None else []
+        if missing:
+            raise UserError(f"{var_dir / PACKAGE} was compiled for a CPU with {', '.join(missing[:6])}, which this "
+                            f"CPU lacks; {remedy}")
 
     def load(self, var_dir: Path, device: str, trusted: bool = False):
         import torch._inductor
 
+        from core.models import load_torch_parts
         from export import trust
-        from export.variants import REGISTRY
+        from export.common import torch_generator
 
-        if not (var_dir / PACKAGE).exists():
-            raise UserError(f"{var_dir} has no {PACKAGE} (an int8-static folder of an older t2i); re-run `t2i export`")
+        self.check_folder(var_dir)
         data = trust.verified_bytes(var_dir, PACKAGE, trusted)  # verified and trusted, or refused, before it runs
-        gen = REGISTRY["eager-fp32"].load(var_dir, device)
+        te, config, vae = load_torch_parts(var_dir, torch.float32, device, unet=False)  # not the fp32 UNet
         try:
             runner = torch._inductor.aoti_load_package(io.BytesIO(data))
-        except Exception as e:  # noqa: BLE001 - built by another torch, or for another CPU: one line
+        except Exception as e:  # noqa: BLE001 - a package torch cannot read: one line
             raise UserError(f"{var_dir / PACKAGE} does not load here ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160] if str(e) else ''}); re-run `t2i export`") from None
-        gen.backend.unet_model = _Quantized(runner, gen.backend.unet_model.config)
-        gen.info = {**gen.info, "variant": "int8-static"}
-        return gen
+        return torch_generator(var_dir, te, _Quantized(runner, config), vae, torch.float32, device,
+                               {"variant": "int8-static"})
