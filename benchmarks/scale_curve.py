@@ -144,7 +144,7 @@ def _make(name: str, unet, inputs, work: Path):
         torch.compiler.reset()
         import torch._inductor.config as inductor_config
 
-        from export.variants.int8_static import calibrate, quantize_unet
+        from export.variants.int8_static import calibrate, inductor_options, quantize_unet
 
         g = torch.Generator().manual_seed(1)
         x, _, emb = inputs
@@ -153,7 +153,7 @@ def _make(name: str, unet, inputs, work: Path):
         q = torch.compile(quantize_unet(unet, calibrate(unet, calls), calls[0]), dynamic=False)
 
         def step():
-            with torch.no_grad(), inductor_config.patch(freezing=True):
+            with torch.no_grad(), inductor_config.patch(inductor_options()):
                 return q(*inputs)[0]
         step()  # the compile itself
     elif name == "eager-fp32+tome0.5":

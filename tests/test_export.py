@@ -83,13 +83,35 @@ def test_a_compiled_variant_warmed_for_serving_compiles_nothing_inside_a_request
     from tests.test_stepper import MIXED, assert_same_as_alone
 
     gen = load(exported[0], "compile", trusted=True)
-    warm_up(gen, [], max_rows=4)
+    warm_up(gen, [], max_rows=2)  # buckets 1 and 2 (each cold compile takes a minute here; padding: below)
     torch._dynamo.config.error_on_recompile = True
     try:
-        assert_same_as_alone(gen, MIXED[:2], max_rows=4, tol=1)  # 3 UNet rows (padded to 4), then 2
-        gen.generate([GenerationRequest("a red circle", num_inference_steps=2, seed=s) for s in (0, 1)])  # 4 rows
+        reqs = [MIXED[0], GenerationRequest("a blue square", num_inference_steps=20, guidance_scale=1.0, seed=2,
+                                            request_id="b")]
+        assert_same_as_alone(gen, reqs, max_rows=2, tol=1)  # 2 UNet rows, then 1
+        gen.generate([GenerationRequest("a red circle", num_inference_steps=2, guidance_scale=1.0, seed=s)
+                      for s in (0, 1)])  # the request loop: 2 rows, 2 images decoded together
     finally:
         torch._dynamo.config.error_on_recompile = False
+
+
+def test_row_buckets_pad_with_the_last_row_and_slice_back():
+    """A compiled graph sees only the buckets' batch sizes: 3 rows run as 4 (the last row repeated, the
+    per-row tensors padded alike, a scalar left alone) and come back as 3; past the last bucket, as they are."""
+    from export.variants.compiled import _bucketed
+
+    seen = []
+
+    def fn(x, t, scale):
+        seen.append((x.shape[0], t.shape[0]))
+        return x * scale + t[:, None]
+
+    call = _bucketed(fn, [1, 2, 4])
+    x, t = torch.randn(3, 5), torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(call(x, t, torch.tensor(2.0)), x * 2 + t[:, None]) and seen == [(4, 4)]
+    assert torch.equal(call(x[:2], t[:2], torch.tensor(2.0)), x[:2] * 2 + t[:2, None]) and seen[-1] == (2, 2)
+    x6, t6 = torch.randn(6, 5), torch.arange(6.0)
+    assert torch.equal(call(x6, t6, torch.tensor(1.0)), x6 + t6[:, None]) and seen[-1] == (6, 6)
 
 
 @pytest.mark.slow

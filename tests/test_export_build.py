@@ -294,3 +294,34 @@ def test_an_export_into_the_same_dir_keeps_unchanged_folders_and_rebuilds_the_re
     (tmp_path / "other" / "mine").mkdir()
     with pytest.raises(UserError, match="not an export dir"):
         setup(cfg.model_copy(update={"out": str(tmp_path / "other")}))
+
+
+@pytest.mark.slow
+def test_int8_static_leaves_inductor_global_config_as_it_found_it(tmp_path):
+    """Inductor keys its cache on its global config. torchao's x86 quantizer import installed a pre-grad
+    pass there and AOTInductor's packaging wrote its target there, so a compile variant built in the same
+    export as int8-static shipped a cache that no fresh process could hit (a cold compile at every start)."""
+    import torch._inductor.config as inductor_config
+
+    from export.variants.int8_static import PACKAGE, _Quantized, inductor_options, package
+
+    before = inductor_config.get_config_copy()
+    assert inductor_options()["pre_grad_custom_pass"] is not None  # int8-static's own compile still gets it
+
+    class Tiny(torch.nn.Module):  # the UNet's signature: (latents, per-row timesteps, text states)
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, sample, t, emb):
+            return self.conv(sample) + (t[:, None] + emb.mean((1, 2))[:, None])[:, :, None, None]
+
+    example = (torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 3, 5))
+    graph = Tiny().eval()
+    package(_Quantized(graph, None), example, tmp_path / PACKAGE)
+    after = inductor_config.get_config_copy()
+    assert {k: (v, after[k]) for k, v in before.items() if after[k] != v} == {}
+    runner = torch._inductor.aoti_load_package(str(tmp_path / PACKAGE))
+    x = (torch.randn(3, 4, 6, 6), torch.tensor([1.0, 2.0, 3.0]), torch.randn(3, 3, 5))  # other rows and size
+    with torch.no_grad():
+        assert torch.allclose(runner(*x), graph(*x), atol=1e-5)

@@ -90,10 +90,34 @@ def _record(gen, prompts: list[str], steps: int, guidance: float) -> list[tuple]
     return [calls[i] for i in keep]
 
 
+def _x86_quantizer():
+    """torchao's x86 quantizer module. Its first import installs torchao's pass (``quant_lift_up``) as
+    Inductor's global pre-grad pass, which enters the cache key of every graph the process compiles after
+    it: a compile variant built beside int8-static then shipped a cache no fresh process could hit. The
+    global is put back; int8-static's own compile gets the pass through ``inductor_options``."""
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.pre_grad_custom_pass
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+
+    inductor_config.pre_grad_custom_pass = before
+    return x86_inductor_quantizer
+
+
+def inductor_options() -> dict:
+    """Inductor settings that lower the quantized graph to oneDNN's int8 kernels: freezing (the weights
+    become constants) and torchao's pre-grad pass."""
+    _x86_quantizer()
+    from torchao.quantization.pt2e.inductor_passes.x86 import quant_lift_up
+
+    return {"freezing": True, "pre_grad_custom_pass": quant_lift_up}
+
+
 def _prepared(unet, example: tuple):
     """``unet`` exported with dynamic batch, height and width and annotated with x86 int8 observers."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    xiq = _x86_quantizer()
 
     from export.variants.onnx import _Unet  # the UNet as a function of three tensors, as the ONNX export traces it
 
@@ -153,18 +177,21 @@ def package(quantized: _Quantized, example: tuple, path: Path) -> dict:
     become constants and the quantized patterns lower to oneDNN's int8 kernels), for 1 to MAX_ROWS rows and
     any latent size. Returns how many convolutions and linear layers were lowered to int8 kernels."""
     import torch._inductor
+    import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
     rows = torch.export.Dim("rows", min=1, max=_Quantized.MAX_ROWS)
     dyn = torch.export.Dim.DYNAMIC
-    with torch.no_grad():
+    # AOTInductor writes its target into the global config (aot_inductor.metadata), which would change the
+    # cache keys of whatever this process compiles next (the compile variant's shipped cache would then miss)
+    with torch.no_grad(), inductor_config.patch({"aot_inductor.metadata": {}}):
         program = torch.export.export(quantized.graph, example, dynamic_shapes=(
             {0: rows, 2: dyn, 3: dyn}, {0: rows}, {0: rows}))
         counters.clear()
         # no FX graph cache: the pattern passes run (and are counted) on every build
         # threads as the loading process has them (not the build's count, fixed into the kernels)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={
-            "freezing": True, "fx_graph_cache": False, "cpp.dynamic_threads": True})
+            **inductor_options(), "fx_graph_cache": False, "cpp.dynamic_threads": True})
     passes = counters["inductor"]
     return {"convolutions": passes["qconv_weight_prepack_matcher_count"],
             "linear_layers": passes["qlinear_weight_prepack_matcher_count"]}
@@ -202,7 +229,8 @@ class StaticInt8Base:
             return f"X86InductorQuantizer's int8 kernels are x86's; this machine is {platform.machine()}"
         try:
             from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e  # noqa: F401
-            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer  # noqa: F401
+
+            inductor_options()
         except Exception as e:  # noqa: BLE001 - an old or broken torchao: the reason, not a crash
             return f"torchao's PT2E quantization does not import here ({type(e).__name__}: {str(e)[:120]})"
         return None
