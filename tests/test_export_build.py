@@ -210,6 +210,7 @@ def test_an_export_into_the_same_dir_keeps_unchanged_folders_and_rebuilds_the_re
     files are unchanged; a changed file, a stray file, a setting its build reads or rebuild=true builds
     it again. Folders the new export does not list go; an interrupted export's dir is an export dir."""
     import json
+    from unittest.mock import ANY
 
     from core.errors import UserError
     from export import reuse
@@ -280,6 +281,18 @@ def test_an_export_into_the_same_dir_keeps_unchanged_folders_and_rebuilds_the_re
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
         assert reuse.common_inputs(micro_model, "cuda")["device"] == f"cuda: {gpu} (sm 9.0)"
     monkeypatch.undo()
+    # a package compiled for another CPU (a trust store shared over NFS): not kept, since loading refuses it
+    from export.variants.int8_static import PACKAGE, TARGET, cpu_flags
+
+    static = tmp_path / "elsewhere" / "int8-static"
+    static.mkdir(parents=True)
+    (static / PACKAGE).write_bytes(b"compiled elsewhere")
+    inputs = reuse.made_from(common, "int8-static", ctx)
+    for flags, kept in ((sorted(cpu_flags() or []), True), (["sse2", "avx512_zz"], False)):
+        (static / TARGET).write_text(json.dumps({"torch": torch.__version__, "cpu_flags": flags}))
+        reuse.record(static, inputs, 1.0, {})
+        assert reuse.reusable(static, inputs) == (({"build_s": 1.0, "notes": {}, "built": ANY}, None) if kept else
+                                                  (None, "it was compiled for another CPU or torch"))
 
     (out / "mine").mkdir()  # not a variant folder: left alone, as is a user's copy of one
     shutil.copytree(out / "eager-bf16", out / "eager-bf16.bak")

@@ -40,6 +40,7 @@ PACKAGE = "unet_int8.pt2"
 TARGET = "target.json"  # the torch and CPU instruction sets the package was compiled for
 ISA_FLAGS = ("avx", "sse", "ssse3", "fma", "f16c", "bmi", "amx", "popcnt", "movbe", "abm", "adx", "sha_ni", "aes",
              "pclmulqdq", "vpclmulqdq", "gfni", "vaes")  # /proc/cpuinfo flags that are instruction sets
+NOT_EMITTED = {"sse4a", "fma4"}  # AMD-only sets GCC does not vectorize with: an AMD build runs on Intel
 CODE_KIND = "an AOTInductor package (the int8 UNet's compiled kernels)"
 CALIBRATION_STEPS = 6  # UNet calls observed per calibration generation, evenly over the steps
 CALIBRATION_SEED = 10_000  # calibration image i uses this + i; the gate's seeds start at the export's seed
@@ -98,9 +99,14 @@ def _x86_quantizer():
     import torch._inductor.config as inductor_config
 
     before = inductor_config.pre_grad_custom_pass
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+    try:
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+    finally:
+        inductor_config.pre_grad_custom_pass = before
+        from torchao.quantization.pt2e.inductor_passes import x86
 
-    inductor_config.pre_grad_custom_pass = before
+        if before is getattr(x86, "quant_lift_up", None):  # imported (and installed) before this was called
+            inductor_config.pre_grad_custom_pass = None
     return x86_inductor_quantizer
 
 
@@ -204,7 +210,8 @@ def cpu_flags() -> set[str] | None:
             line = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
         return None
-    return {fl for fl in line.partition(":")[2].split() if fl.startswith(ISA_FLAGS)} if line else None
+    flags = {fl for fl in line.partition(":")[2].split() if fl.startswith(ISA_FLAGS)} - NOT_EMITTED
+    return flags if line else None
 
 
 def _example(gen) -> tuple:
@@ -302,8 +309,10 @@ class StaticInt8(StaticInt8Base):
         from core.io import read_json_file
 
         remedy = "re-run `t2i export` on this machine"
-        if not (var_dir / PACKAGE).exists() or not (var_dir / TARGET).exists():
-            raise UserError(f"{var_dir} has no {PACKAGE} (an int8-static folder of an older t2i); {remedy}")
+        missing = [f for f in (PACKAGE, TARGET) if not (var_dir / f).exists()]
+        if missing:
+            raise UserError(f"{var_dir} has no {' or '.join(missing)} (an int8-static folder of an older t2i); "
+                            f"{remedy}")
         target = read_json_file(var_dir / TARGET, "int8-static build target", remedy)
         if target.get("torch") != torch.__version__:
             raise UserError(f"{var_dir / PACKAGE} was compiled by torch {target.get('torch')} and this is torch "
