@@ -19,13 +19,11 @@ def check(export_dir: str | Path, variant: str | None = None, trusted: bool = Fa
     """(variant name, what code it ships and why that may run, or None when it ships none), without
     loading anything; a UserError line when the variant cannot load or its code is not trusted."""
     from export import trust
-    from export.variants import get
+    from export.variants import check_folder, get
 
     name, entry = read_manifest(export_dir).variant(variant, export_dir)
     code = trust.check(Path(export_dir) / entry.dir, trusted)
-    check_folder = getattr(get(name), "check_folder", None)  # e.g. int8-static: compiled for this CPU and torch?
-    if check_folder is not None:
-        check_folder(Path(export_dir) / entry.dir)
+    check_folder(get(name), Path(export_dir) / entry.dir)
     return name, code
 
 

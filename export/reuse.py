@@ -111,12 +111,12 @@ def reusable(folder: Path, inputs: dict) -> tuple[dict | None, str | None]:
             trust.check(folder, trusted=False)  # code it ships (compiled kernels) runs only if built here
         except UserError:
             return None, "the code it ships was not built on this machine"
-        check_folder = getattr(_variant(Path(folder).name), "check_folder", None)
-        if check_folder is not None:  # e.g. int8-static: compiled for this CPU and torch?
-            try:
-                check_folder(Path(folder))
-            except UserError:
-                return None, "it was compiled for another CPU or torch"
+        from export.variants import check_folder
+
+        try:
+            check_folder(_variant(Path(folder).name), folder)  # int8-static: compiled for this CPU and torch?
+        except UserError:
+            return None, "it was compiled for another CPU or torch"
         return {"build_s": float(rec["build_s"]), "notes": rec["notes"], "built": str(rec.get("built"))}, None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None, f"its {BUILD_FILE} is unreadable"

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
 from export.variants import compiled, eager, int8_bnb, int8_static, int8_torchao, onnx
@@ -29,6 +30,14 @@ REGISTRY: dict[str, object] = {
 from export.config import DEFAULT_VARIANTS  # noqa: E402
 
 
+def check_folder(variant, var_dir) -> None:
+    """``variant``'s check of its folder before anything in it loads, where it has one (int8-static: its
+    package was compiled for this CPU and torch); a UserError line otherwise."""
+    check = getattr(variant, "check_folder", None)
+    if check is not None:
+        check(Path(var_dir))
+
+
 def get(name: str):
     """The variant called ``name``: a registry entry, or ``BASE+APPROX`` (see ``export.variants.approx``)."""
     from core.errors import UserError
@@ -45,4 +54,4 @@ def get(name: str):
     return REGISTRY[name]
 
 
-__all__ = ["REGISTRY", "DEFAULT_VARIANTS", "get", "ModuleType"]
+__all__ = ["REGISTRY", "DEFAULT_VARIANTS", "check_folder", "get", "ModuleType"]

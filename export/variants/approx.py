@@ -224,9 +224,9 @@ class Approximate:
 
     def check_folder(self, var_dir: Path) -> None:
         """The base's check of its folder before anything loads (int8-static: its package's target)."""
-        check = getattr(self._base(), "check_folder", None)
-        if check is not None:
-            check(var_dir)
+        from export.variants import check_folder
+
+        check_folder(self._base(), var_dir)
 
     def unsupported(self, device: str) -> str | None:
         reason = self._base().unsupported(device)
